@@ -1,0 +1,1432 @@
+"""The message store: a log of whole transactions, derived indexes, group commit.
+
+Theory of operation
+-------------------
+*The log is the truth.* A transaction is built in memory (`Transaction`), validated against the
+durable index, encoded into records with explicit UIDs, MODSEQs and GUIDs, framed as a whole with a
+CRC32C and appended to the active segment. It becomes **durable** when an fsync covering it
+returned (and, with replication, when the durability barrier passed), and only then is it
+**applied** to the in-memory index and made **visible**; the committer is told after that. Frames
+are applied strictly in LSN order, so what readers see is always a prefix of the log that survives
+a crash.
+
+Group commit: in async use, commits append their frames and wait; one flusher task fsyncs whatever
+was appended before it started (in a worker thread, the event loop keeps appending), then applies
+the whole batch. Synchronous commits (CLI, tests) fsync inline and apply everything pending.
+
+Structural changes (accounts, domains, aliases, mailbox create/rename/delete) are *exclusive*: they
+wait until nothing is pending, validate, append, and hold new commits back until they are applied.
+Message changes (deliveries, flags, expunges, queue) validate against the durable index plus the
+allocation counters and never wait for each other.
+
+Invariants:
+* only frames with LSN <= the durable LSN are ever applied; a torn or corrupt frame never is;
+* UIDs and MODSEQs are allocated at encode time in LSN order, so they ascend in the log;
+* `os.fsync`/`os.replace`/dir fsync happen only through `fsio`;
+* after any I/O error on the log the store is in state ERROR: no further writes, pending commits
+  fail, nothing unsynced is ever reported durable; reopening recovers from what is on disk;
+* one process per data directory (an exclusive lock on `<data>/LOCK`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import fcntl
+import hashlib
+import logging
+import os
+import re
+import secrets
+import struct
+import threading
+import time
+from collections import OrderedDict, deque
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from enum import Enum
+from types import TracebackType
+from typing import Protocol
+
+from mailharbor.store import format as fmt
+from mailharbor.store import index as ix
+from mailharbor.store.fsio import FileSystem, OsFileSystem, ReadableFile, WritableFile
+from mailharbor.store.log import list_segments, scan_segment, segment_path
+from mailharbor.store.ops import (
+    DEFAULT_MAILBOXES,
+    STRUCTURAL,
+    AlreadyExists,
+    Change,
+    Delivery,
+    Encoder,
+    InvalidArgument,
+    NewBlob,
+    NotFound,
+    Op,
+    OpAccountAdd,
+    OpAccountDelete,
+    OpAccountUpdate,
+    OpAliasRemove,
+    OpAliasSet,
+    OpDeliver,
+    OpDomainAdd,
+    OpDomainRemove,
+    OpExpunge,
+    OpFlags,
+    OpMailboxCreate,
+    OpMailboxDelete,
+    OpMailboxRename,
+    OpQueueAdd,
+    OpQueueAttempt,
+    OpQueueDone,
+    OpSubscribe,
+    StoreError,
+)
+
+log = logging.getLogger("mailharbor.store")
+
+LOG_DIR = "log"
+CHECKPOINT_DIR = "checkpoints"
+CHECKPOINTS_KEPT = 2
+
+_DOMAIN_RE = re.compile(
+    r"^(?=.{1,253}$)([a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?)(\.[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?)*$"
+)
+_LOCAL_RE = re.compile(r"^[A-Za-z0-9!#$%&'*+/=?^_`{|}~.-]{1,64}$")
+
+
+# --- errors -------------------------------------------------------------------------------------
+
+
+class StoreLocked(StoreError):
+    pass
+
+
+class StoreReadOnly(StoreError):
+    """The store is in ERROR (after an I/O error) or closed: no writes."""
+
+
+class StoreIOError(StoreError):
+    """An I/O error on the log: the transaction is not durable; the store is now read-only."""
+
+
+class CorruptLog(StoreError):
+    """A bad frame with valid data after it: read-write open refuses; run `store fsck`."""
+
+
+class StoreState(Enum):
+    OPEN = "open"
+    ERROR = "error"
+    CLOSED = "closed"
+
+
+# --- options and reports ------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class StoreOptions:
+    """Tunables (see `[store]` in the configuration reference)."""
+
+    segment_bytes: int = 64 * 1024 * 1024
+    cache_bytes: int = 64 * 1024 * 1024
+    checkpoint_every_bytes: int = 64 * 1024 * 1024
+    chunk_bytes: int = 256 * 1024
+    sync: bool = True
+
+
+@dataclass(frozen=True, slots=True)
+class TornTail:
+    segno: int
+    offset: int
+    bytes_dropped: int
+    reason: str
+
+
+@dataclass(frozen=True, slots=True)
+class RecoveryReport:
+    """What `Store.open` did: where it started and what it dropped."""
+
+    checkpoint_lsn: int
+    replayed_frames: int
+    last_lsn: int
+    torn_tail: TornTail | None
+    checkpoint_rejected: str
+    seconds: float
+
+
+@dataclass(frozen=True, slots=True)
+class CompactReport:
+    segments_rewritten: int
+    bytes_before: int
+    bytes_after: int
+    blobs_reclaimed: int
+    chunks_reclaimed: int
+
+
+class DurabilityBarrier(Protocol):
+    """What replication plugs in: `wait(lsn)` returns once frames up to `lsn` are as durable as
+    the replication protocol requires (protocol C: fsynced by the peer). Raising fails the
+    commits in the batch (they are not acknowledged)."""
+
+    async def wait(self, lsn: int) -> None: ...
+
+
+@dataclass(frozen=True, slots=True)
+class CommitEvent:
+    """Sent to commit listeners after frames are applied (visible)."""
+
+    lsn: int
+    mailboxes: frozenset[bytes]
+
+
+# --- helpers ------------------------------------------------------------------------------------
+
+
+def blob_hash(data: bytes) -> bytes:
+    """The content hash of a blob: BLAKE2b-256."""
+    return hashlib.blake2b(data, digest_size=32).digest()
+
+
+def new_guid() -> bytes:
+    return secrets.token_bytes(16)
+
+
+def now_ms() -> int:
+    return int(time.time() * 1000)
+
+
+def normalize_address(address: str) -> str:
+    """Lower-case an address and check its syntax; raises InvalidArgument."""
+    a = address.strip().lower()
+    local, sep, domain = a.rpartition("@")
+    if not sep or not _LOCAL_RE.match(local) or not _DOMAIN_RE.match(domain):
+        raise InvalidArgument(f"invalid address {address!r}")
+    return a
+
+
+def normalize_domain(name: str) -> str:
+    d = name.strip().lower().rstrip(".")
+    if not _DOMAIN_RE.match(d):
+        raise InvalidArgument(f"invalid domain name {name!r}")
+    return d
+
+
+def check_mailbox_name(name: str) -> str:
+    """Validate a mailbox name (hierarchy delimiter '/'); returns it with INBOX canonical."""
+    if not name or len(name.encode("utf-8")) > 255:
+        raise InvalidArgument("mailbox name must be 1 to 255 bytes")
+    if any(ord(c) < 0x20 or ord(c) == 0x7F for c in name) or "*" in name or "%" in name:
+        raise InvalidArgument("mailbox name contains a forbidden character")
+    if name.startswith("/") or name.endswith("/") or "//" in name:
+        raise InvalidArgument("mailbox name has an empty hierarchy level")
+    parts = name.split("/")
+    if ix.is_inbox(parts[0]):
+        parts[0] = "INBOX"
+    return "/".join(parts)
+
+
+def lock_data_dir(data_dir: str) -> int:
+    """Take the exclusive lock of a data directory (one writer per data directory); returns the
+    fd that holds it (closing it releases the lock). Raises StoreLocked naming the holder."""
+    path = os.path.join(data_dir, "LOCK")
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        try:
+            pid = os.pread(fd, 32, 0).decode("ascii", "replace").strip()
+        finally:
+            os.close(fd)
+        raise StoreLocked(
+            f"data directory {data_dir} is in use by another process (pid {pid or '?'})"
+        ) from None
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+    return fd
+
+
+class _Cache:
+    """A byte-bounded LRU of blob bodies and metadata, with hit/miss counters."""
+
+    def __init__(self, budget: int) -> None:
+        self.budget = budget
+        self.used = 0
+        self.hits = 0
+        self.misses = 0
+        self._d: OrderedDict[bytes, bytes] = OrderedDict()
+
+    def get(self, key: bytes) -> bytes | None:
+        v = self._d.get(key)
+        if v is None:
+            self.misses += 1
+            return None
+        self._d.move_to_end(key)
+        self.hits += 1
+        return v
+
+    def put(self, key: bytes, value: bytes) -> None:
+        if len(value) > self.budget // 4:
+            return
+        old = self._d.pop(key, None)
+        if old is not None:
+            self.used -= len(old)
+        self._d[key] = value
+        self.used += len(value)
+        while self.used > self.budget and self._d:
+            _, v = self._d.popitem(last=False)
+            self.used -= len(v)
+
+    def clear(self) -> None:
+        self._d.clear()
+        self.used = 0
+
+
+# --- transactions -------------------------------------------------------------------------------
+
+
+class BlobWriter:
+    """Streams a body into the log: every `chunk_bytes` a CHUNK frame is appended (not yet
+    durable, invisible). `finish()` returns the content hash; the owning transaction's commit
+    makes it visible. A small body never leaves memory before commit."""
+
+    def __init__(self, txn: Transaction) -> None:
+        self._txn = txn
+        self._store = txn._store
+        self._h = hashlib.blake2b(digest_size=32)
+        self._buf = bytearray()
+        self._stream = new_guid()
+        self._nchunks = 0
+        self._size = 0
+        self._done = False
+
+    def write(self, data: bytes) -> None:
+        if self._done:
+            raise InvalidArgument("blob writer already finished")
+        self._h.update(data)
+        self._buf += data
+        self._size += len(data)
+        cb = self._store.options.chunk_bytes
+        while len(self._buf) >= cb:
+            self._store._append_chunk(self._stream, self._nchunks, bytes(self._buf[:cb]))
+            del self._buf[:cb]
+            self._nchunks += 1
+
+    def finish(self) -> bytes:
+        if self._done:
+            raise InvalidArgument("blob writer already finished")
+        self._done = True
+        h = self._h.digest()
+        if self._nchunks and self._buf:
+            self._store._append_chunk(self._stream, self._nchunks, bytes(self._buf))
+            self._nchunks += 1
+            self._buf.clear()
+        self._txn._blobs[h] = NewBlob(h, self._size, bytes(self._buf), self._nchunks, self._stream)
+        if not self._nchunks:
+            self._store._open_streams.discard(self._stream)
+        return h
+
+
+class Transaction:
+    """Collects operations; `commit` (via `with`/`async with`) validates, encodes and makes them
+    durable and visible as one unit, or raises and changes nothing visible.
+
+    Errors about the request (NotFound, AlreadyExists, InvalidArgument) are raised at commit,
+    before anything is written."""
+
+    def __init__(self, store: Store) -> None:
+        self._store = store
+        self._ops: list[Op] = []
+        self._blobs: dict[bytes, NewBlob] = {}
+        self._meta: list[fmt.MimeMeta] = []
+        self.committed_lsn = 0
+        self._finished = False
+
+    # -- blobs ---------------------------------------------------------------------------------
+
+    def put_blob(self, data: bytes) -> bytes:
+        """Add a body; returns its hash. Stored once however often it is delivered."""
+        h = blob_hash(data)
+        if h not in self._blobs:
+            if len(data) > self._store.options.chunk_bytes:
+                w = self.blob_writer()
+                w.write(data)
+                return w.finish()
+            self._blobs[h] = NewBlob(h, len(data), bytes(data), 0, b"")
+        return h
+
+    def blob_writer(self) -> BlobWriter:
+        w = BlobWriter(self)
+        self._store._open_streams.add(w._stream)
+        return w
+
+    def put_mime_meta(self, blob: bytes, version: int, data: bytes) -> None:
+        self._meta.append(fmt.MimeMeta(blob, version, data))
+
+    # -- messages ------------------------------------------------------------------------------
+
+    def deliver(
+        self,
+        blob: bytes,
+        mailboxes: Sequence[bytes],
+        *,
+        flags: int = 0,
+        keywords: Sequence[str] = (),
+        internaldate_ms: int | None = None,
+    ) -> Delivery:
+        """Deliver blob `blob` into each mailbox (one record, one stored body)."""
+        if not mailboxes:
+            raise InvalidArgument("a delivery needs at least one mailbox")
+        if len(set(mailboxes)) != len(mailboxes):
+            raise InvalidArgument("a mailbox is named twice in one delivery")
+        d = Delivery()
+        self._ops.append(
+            OpDeliver(blob, tuple(mailboxes), flags & 0xFF, tuple(keywords), internaldate_ms, d)
+        )
+        return d
+
+    def store_flags(
+        self,
+        mailbox: bytes,
+        uids: Sequence[int],
+        *,
+        add: int = 0,
+        remove: int = 0,
+        add_keywords: Sequence[str] = (),
+        remove_keywords: Sequence[str] = (),
+    ) -> Change:
+        c = Change()
+        self._ops.append(
+            OpFlags(
+                mailbox,
+                tuple(uids),
+                add & 0xFF,
+                remove & 0xFF,
+                tuple(add_keywords),
+                tuple(remove_keywords),
+                c,
+            )
+        )
+        return c
+
+    def expunge(self, mailbox: bytes, uids: Sequence[int]) -> Change:
+        c = Change()
+        self._ops.append(OpExpunge(mailbox, tuple(uids), c))
+        return c
+
+    # -- mailboxes -----------------------------------------------------------------------------
+
+    def create_mailbox(self, account: bytes, name: str, special_use: int = 0) -> bytes:
+        g = new_guid()
+        self._ops.append(OpMailboxCreate(account, check_mailbox_name(name), special_use, g))
+        return g
+
+    def rename_mailbox(self, mailbox: bytes, new_name: str) -> None:
+        self._ops.append(OpMailboxRename(mailbox, check_mailbox_name(new_name)))
+
+    def delete_mailbox(self, mailbox: bytes) -> None:
+        self._ops.append(OpMailboxDelete(mailbox))
+
+    def subscribe(self, account: bytes, name: str, subscribed: bool = True) -> None:
+        self._ops.append(OpSubscribe(account, check_mailbox_name(name), subscribed))
+
+    # -- accounts, domains, aliases ------------------------------------------------------------
+
+    def add_domain(self, name: str) -> None:
+        self._ops.append(OpDomainAdd(normalize_domain(name)))
+
+    def remove_domain(self, name: str) -> None:
+        self._ops.append(OpDomainRemove(normalize_domain(name)))
+
+    def add_account(self, address: str, password_hash: str, quota_bytes: int = 0) -> bytes:
+        """Create an account with INBOX, Sent, Drafts, Trash, Junk, Archive (subscribed)."""
+        if quota_bytes < 0:
+            raise InvalidArgument("quota must be >= 0")
+        g = new_guid()
+        boxes = tuple(new_guid() for _ in DEFAULT_MAILBOXES)
+        self._ops.append(
+            OpAccountAdd(normalize_address(address), password_hash, quota_bytes, g, boxes)
+        )
+        return g
+
+    def update_account(
+        self, address: str, *, password_hash: str | None = None, quota_bytes: int | None = None
+    ) -> None:
+        if quota_bytes is not None and quota_bytes < 0:
+            raise InvalidArgument("quota must be >= 0")
+        self._ops.append(OpAccountUpdate(normalize_address(address), password_hash, quota_bytes))
+
+    def delete_account(self, address: str) -> None:
+        self._ops.append(OpAccountDelete(normalize_address(address)))
+
+    def set_alias(self, source: str, targets: Sequence[str]) -> None:
+        """`source` is an address or `@domain` (catch-all); targets are addresses."""
+        if source.startswith("@"):
+            src = "@" + normalize_domain(source[1:])
+        else:
+            src = normalize_address(source)
+        tg = tuple(dict.fromkeys(normalize_address(t) for t in targets))
+        if not tg:
+            raise InvalidArgument("an alias needs at least one target")
+        self._ops.append(OpAliasSet(src, tg))
+
+    def remove_alias(self, source: str) -> None:
+        src = source.strip().lower()
+        self._ops.append(OpAliasRemove(src))
+
+    # -- queue ---------------------------------------------------------------------------------
+
+    def queue_add(
+        self, blob: bytes, sender: str, recipients: Sequence[str], params: str = ""
+    ) -> bytes:
+        if not recipients:
+            raise InvalidArgument("a queue entry needs recipients")
+        g = new_guid()
+        self._ops.append(OpQueueAdd(g, blob, sender, tuple(recipients), params))
+        return g
+
+    def queue_attempt(self, entry: bytes, term: int, recipients: Sequence[str]) -> None:
+        self._ops.append(OpQueueAttempt(entry, term, tuple(recipients)))
+
+    def queue_done(
+        self,
+        entry: bytes,
+        recipient: str,
+        result: fmt.QueueResult,
+        detail: str = "",
+        next_ms: int = 0,
+    ) -> None:
+        self._ops.append(OpQueueDone(entry, recipient, result, detail, next_ms))
+
+    @property
+    def exclusive(self) -> bool:
+        """True if an operation changes structure (accounts, mailboxes…): see the module doc."""
+        return any(isinstance(op, STRUCTURAL) for op in self._ops)
+
+    # -- commit --------------------------------------------------------------------------------
+
+    def commit(self) -> int:
+        """Commit synchronously: returns the LSN once durable and visible."""
+        if self._finished:
+            raise InvalidArgument("transaction already finished")
+        self._finished = True
+        return self._store._commit_sync(self)
+
+    async def commit_async(self) -> int:
+        """Commit with group commit: returns the LSN once durable (barrier passed) and visible."""
+        if self._finished:
+            raise InvalidArgument("transaction already finished")
+        self._finished = True
+        return await self._store._commit_async(self)
+
+    def abort(self) -> None:
+        self._finished = True
+        for b in self._blobs.values():
+            self._store._open_streams.discard(b.stream)
+
+    def __enter__(self) -> Transaction:
+        return self
+
+    def __exit__(
+        self, et: type[BaseException] | None, ev: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        if et is None:
+            self.commit()
+        else:
+            self.abort()
+
+    async def __aenter__(self) -> Transaction:
+        return self
+
+    async def __aexit__(
+        self, et: type[BaseException] | None, ev: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        if et is None:
+            await self.commit_async()
+        else:
+            self.abort()
+
+
+# --- the store ----------------------------------------------------------------------------------
+
+
+@dataclass(slots=True)
+class _Pending:
+    lsn: int
+    header: fmt.FrameHeader
+    payload: bytes
+    segno: int
+    payload_off: int
+    blobs: tuple[bytes, ...]
+    size: int
+
+
+@dataclass(slots=True)
+class _Overlay:
+    """Effects of earlier operations of the same transaction, for validating later ones."""
+
+    accounts: dict[str, bytes] = field(default_factory=dict)
+    deleted_accounts: set[bytes] = field(default_factory=set)
+    names: dict[bytes, dict[str, bytes | None]] = field(default_factory=dict)
+    new_mailboxes: dict[bytes, tuple[bytes, str]] = field(default_factory=dict)
+    deleted_mailboxes: set[bytes] = field(default_factory=set)
+    domains: dict[str, bool] = field(default_factory=dict)
+    uidvalidity: dict[bytes, int] = field(default_factory=dict)
+
+
+_CKPT_HEAD = struct.Struct("<8sHI")  # magic, version, crc32c of the rest
+_CKPT_POS = struct.Struct("<QQIQI")  # lsn, generation, segno, offset, nsegs
+_CKPT_SEG = struct.Struct("<IHQ")  # segno, rewrites, size at checkpoint time (sealed) or 0
+
+
+@dataclass(frozen=True, slots=True)
+class CheckpointInfo:
+    """A parsed checkpoint file: the LSN it covers, the log position after it, the segments it
+    relies on (segno, rewrite counter) and the serialized index."""
+
+    lsn: int
+    segno: int
+    offset: int
+    segments: tuple[tuple[int, int], ...]
+    body: bytes
+
+
+def parse_checkpoint(data: bytes) -> CheckpointInfo:
+    """Verify and split a checkpoint file. Raises FormatError."""
+    if len(data) < _CKPT_HEAD.size + _CKPT_POS.size:
+        raise fmt.FormatError("checkpoint truncated")
+    magic, ver, crc = _CKPT_HEAD.unpack_from(data)
+    if magic != fmt.CHECKPOINT_MAGIC or ver != fmt.FORMAT_VERSION:
+        raise fmt.FormatError("not a checkpoint of this format version")
+    rest = data[_CKPT_HEAD.size :]
+    if fmt.crc32c(rest) != crc:
+        raise fmt.FormatError("checkpoint checksum mismatch")
+    lsn, _gen, segno, off, nsegs = _CKPT_POS.unpack_from(rest)
+    p = _CKPT_POS.size
+    if p + nsegs * _CKPT_SEG.size > len(rest):
+        raise fmt.FormatError("checkpoint truncated")
+    segs = []
+    for _ in range(nsegs):
+        s, rewrites, _size = _CKPT_SEG.unpack_from(rest, p)
+        p += _CKPT_SEG.size
+        segs.append((s, rewrites))
+    return CheckpointInfo(lsn, segno, off, tuple(segs), rest[p:])
+
+
+class Store:
+    """See the module docstring. Not thread-safe: one thread (normally the event loop's) owns
+    it; only fsync runs in a worker thread."""
+
+    def __init__(
+        self, data_dir: str, *, node_id: bytes, options: StoreOptions, fs: FileSystem
+    ) -> None:
+        self.data_dir = data_dir
+        self.node_id = node_id
+        self.options = options
+        self.fs = fs
+        self.state = StoreState.CLOSED
+        self.error = ""
+        self.generation = 1
+        self.index = ix.Index()
+        self.recovery: RecoveryReport | None = None
+        self.barrier: DurabilityBarrier | None = None
+        self._logdir = os.path.join(data_dir, LOG_DIR)
+        self._ckptdir = os.path.join(data_dir, CHECKPOINT_DIR)
+        self._lock_fd = -1
+        self._segments: dict[int, fmt.SegmentHeader] = {}
+        self._active: WritableFile | None = None
+        self._active_segno = 0
+        self._readers: dict[int, ReadableFile] = {}
+        self._next_lsn = 1
+        self._pending: deque[_Pending] = deque()
+        self._unsynced: list[WritableFile] = []
+        self._inflight: list[WritableFile] = []
+        self._dir_dirty = False
+        self._durable_lsn = 0
+        self._applied_pos = (0, 0)
+        self._written_blobs: dict[bytes, int] = {}
+        self._alloc_uid: dict[bytes, int] = {}
+        self._alloc_modseq: dict[bytes, int] = {}
+        self._open_streams: set[bytes] = set()
+        self._exclusive_lsn = 0
+        self._waiters: deque[tuple[int, asyncio.Future[None]]] = deque()
+        self._settle_waiters: list[asyncio.Future[None]] = []
+        self._flusher: asyncio.Task[None] | None = None
+        self._executor: ThreadPoolExecutor | None = None
+        self._frame_listeners: list[Callable[[int, bytes], None]] = []
+        self._commit_listeners: list[Callable[[CommitEvent], None]] = []
+        self._cache = _Cache(options.cache_bytes)
+        self._bytes_since_ckpt = 0
+        self.stats_commits = 0
+        self.stats_fsyncs = 0
+        self.stats_frames = 0
+        self._thread = threading.get_ident()
+
+    # -- open / close --------------------------------------------------------------------------
+
+    @classmethod
+    def open(
+        cls,
+        data_dir: str,
+        *,
+        node_id: bytes,
+        options: StoreOptions | None = None,
+        fs: FileSystem | None = None,
+    ) -> Store:
+        """Lock the directory, load the newest valid checkpoint, replay the log after it.
+        A torn final transaction is dropped (truncated) and reported in `store.recovery`;
+        a bad frame followed by valid ones raises CorruptLog."""
+        opts = options or StoreOptions()
+        st = cls(data_dir, node_id=node_id, options=opts, fs=fs or OsFileSystem(sync=opts.sync))
+        st._lock()
+        try:
+            st._recover()
+        except BaseException:
+            st._unlock()
+            raise
+        st.state = StoreState.OPEN
+        return st
+
+    def _lock(self) -> None:
+        self.fs.makedirs(self.data_dir)
+        self._lock_fd = lock_data_dir(self.data_dir)
+
+    def _unlock(self) -> None:
+        if self._lock_fd >= 0:
+            os.close(self._lock_fd)
+            self._lock_fd = -1
+
+    def close(self) -> None:
+        """Flush pending commits, write a checkpoint, release files and the lock."""
+        if self.state == StoreState.CLOSED:
+            return
+        try:
+            if self.state == StoreState.OPEN:
+                self._settle_sync()
+                if self._bytes_since_ckpt:
+                    self.checkpoint()
+        finally:
+            self.state = StoreState.CLOSED
+            for f in self._unsynced:
+                with contextlib.suppress(OSError):
+                    f.close()
+            if self._active is not None:
+                with contextlib.suppress(OSError):
+                    self._active.close()
+            for r in self._readers.values():
+                r.close()
+            self._readers.clear()
+            if self._executor is not None:
+                self._executor.shutdown(wait=False)
+            self._unlock()
+
+    def __enter__(self) -> Store:
+        return self
+
+    def __exit__(self, *a: object) -> None:
+        self.close()
+
+    # -- recovery ------------------------------------------------------------------------------
+
+    def _recover(self) -> None:
+        t0 = time.monotonic()
+        self.fs.makedirs(self._logdir)
+        self.fs.makedirs(self._ckptdir)
+        segnos = list_segments(self.fs, self._logdir)
+        torn: TornTail | None = None
+        # A last segment whose header never became whole is an interrupted roll: remove it.
+        while segnos:
+            last = segnos[-1]
+            try:
+                self._segments[last] = self._read_seg_header(last)
+                break
+            except fmt.FormatError:
+                if len(segnos) == 1 and self._segment_size(last) > fmt.SEGMENT_HEADER_SIZE:
+                    raise CorruptLog(f"segment {last}: unreadable header") from None
+                torn = TornTail(last, 0, self._segment_size(last), "incomplete segment header")
+                self.fs.unlink(segment_path(self._logdir, last))
+                self.fs.sync_dir(self._logdir)
+                segnos.pop()
+        for s in segnos[:-1]:
+            try:
+                self._segments[s] = self._read_seg_header(s)
+            except fmt.FormatError as e:
+                raise CorruptLog(f"segment {s}: {e}") from None
+        if segnos and segnos != list(range(segnos[0], segnos[-1] + 1)):
+            raise CorruptLog(f"missing segment files between {segnos[0]} and {segnos[-1]}")
+
+        index, pos, rejected = self._load_checkpoint(segnos)
+        self.index = index
+        ckpt_lsn = index.last_lsn
+        replayed = 0
+        if not segnos:
+            self._new_segment(1, 1)
+            self._applied_pos = (1, fmt.SEGMENT_HEADER_SIZE)
+        else:
+            segno, off = pos if pos else (segnos[0], fmt.SEGMENT_HEADER_SIZE)
+            expected = index.last_lsn + 1 if pos else self._segments[segnos[0]].first_lsn
+            if not pos:
+                index.last_lsn = expected - 1
+            self._applied_pos = (segno, off)
+            for s in range(segno, segnos[-1] + 1):
+                start = off if s == segno else fmt.SEGMENT_HEADER_SIZE
+                if s != segno and self._segments[s].first_lsn != expected:
+                    raise CorruptLog(
+                        f"segment {s} starts at LSN {self._segments[s].first_lsn}, "
+                        f"expected {expected}"
+                    )
+                frames, stops = scan_segment(
+                    self.fs, segment_path(self._logdir, s), s, start, expected
+                )
+                for fr in frames:
+                    self.index.apply_frame(fr.header, fr.payload, s, fr.payload_offset)
+                    expected += fr.lsn_count
+                    self._applied_pos = (s, fr.end)
+                    replayed += 1
+                if stops:
+                    stop = stops[0]
+                    if stop.torn and s == segnos[-1]:
+                        size = self._segment_size(s)
+                        torn = TornTail(s, stop.offset, size - stop.offset, stop.reason)
+                        log.warning(
+                            "dropping torn final transaction: segment %d offset %d (%d bytes): %s",
+                            s,
+                            stop.offset,
+                            size - stop.offset,
+                            stop.reason,
+                        )
+                        self.fs.truncate(segment_path(self._logdir, s), stop.offset)
+                    else:
+                        raise CorruptLog(
+                            f"segment {s} offset {stop.offset} (LSN {stop.expected_lsn}): "
+                            f"{stop.reason}; valid data follows — run `mailharbor store fsck`"
+                        )
+            last = segnos[-1]
+            self._active = self.fs.open_append(segment_path(self._logdir, last))
+            self._active_segno = last
+        self._next_lsn = self.index.last_lsn + 1
+        self._durable_lsn = self.index.last_lsn
+        self.generation = max(1, self.index.generation)
+        self.recovery = RecoveryReport(
+            ckpt_lsn, replayed, self.index.last_lsn, torn, rejected, time.monotonic() - t0
+        )
+        self._bytes_since_ckpt = 1 if replayed else 0
+
+    def _segment_size(self, segno: int) -> int:
+        f = self.fs.open_read(segment_path(self._logdir, segno))
+        try:
+            return f.size()
+        finally:
+            f.close()
+
+    def _read_seg_header(self, segno: int) -> fmt.SegmentHeader:
+        f = self.fs.open_read(segment_path(self._logdir, segno))
+        try:
+            h = fmt.SegmentHeader.decode(f.pread(fmt.SEGMENT_HEADER_SIZE, 0))
+        finally:
+            f.close()
+        if h.segno != segno:
+            raise fmt.FormatError(f"segment file {segno} says it is segment {h.segno}")
+        return h
+
+    def _new_segment(self, segno: int, first_lsn: int) -> None:
+        hdr = fmt.SegmentHeader(segno, first_lsn, self.node_id, now_ms())
+        f = self.fs.open_append(segment_path(self._logdir, segno))
+        f.write(hdr.encode())
+        self._segments[segno] = hdr
+        self._active = f
+        self._active_segno = segno
+        self._unsynced.append(f)
+        self._dir_dirty = True
+
+    # -- checkpoints ---------------------------------------------------------------------------
+
+    def _load_checkpoint(self, segnos: list[int]) -> tuple[ix.Index, tuple[int, int] | None, str]:
+        names = sorted(
+            (n for n in self.fs.listdir(self._ckptdir) if n.endswith(".ckpt")), reverse=True
+        )
+        rejected = ""
+        for name in names:
+            path = os.path.join(self._ckptdir, name)
+            try:
+                f = self.fs.open_read(path)
+                try:
+                    data = f.pread(f.size(), 0)
+                finally:
+                    f.close()
+                index, pos = self._decode_checkpoint(data, segnos)
+                return index, pos, rejected
+            except (fmt.FormatError, OSError) as e:
+                rejected += f"{name}: {e}; "
+                log.warning("checkpoint %s not used: %s", name, e)
+        return ix.Index(), None, rejected
+
+    def _decode_checkpoint(
+        self, data: bytes, segnos: list[int]
+    ) -> tuple[ix.Index, tuple[int, int]]:
+        ck = parse_checkpoint(data)
+        for s, rewrites in ck.segments:
+            h = self._segments.get(s)
+            if h is None or h.rewrites != rewrites:
+                raise fmt.FormatError(f"segment {s} changed since the checkpoint")
+        if ck.segno not in segnos or ck.offset > self._segment_size(ck.segno):
+            raise fmt.FormatError("checkpoint position is beyond the log")
+        index = ix.Index.deserialize(ck.body)
+        if index.last_lsn != ck.lsn:
+            raise fmt.FormatError("checkpoint LSN mismatch")
+        return index, (ck.segno, ck.offset)
+
+    def checkpoint(self) -> int:
+        """Write a node-local checkpoint of the applied index (atomically) and prune old ones.
+        Returns its LSN."""
+        self._check_thread()
+        segno, off = self._applied_pos
+        body = self.index.serialize()
+        segs = [s for s in sorted(self._segments) if s <= segno]
+        rest = b"".join(
+            [_CKPT_POS.pack(self.index.last_lsn, self.index.generation, segno, off, len(segs))]
+            + [_CKPT_SEG.pack(s, self._segments[s].rewrites, 0) for s in segs]
+            + [body]
+        )
+        data = _CKPT_HEAD.pack(fmt.CHECKPOINT_MAGIC, fmt.FORMAT_VERSION, fmt.crc32c(rest)) + rest
+        name = f"checkpoint-{self.index.last_lsn:020d}.ckpt"
+        self.fs.write_atomic(os.path.join(self._ckptdir, name), data)
+        olds = sorted(
+            (n for n in self.fs.listdir(self._ckptdir) if n.endswith(".ckpt") and n != name),
+            reverse=True,
+        )
+        keep = olds[: CHECKPOINTS_KEPT - 1]
+        removed = False
+        for n in olds:
+            if n not in keep or n > name:
+                self.fs.unlink(os.path.join(self._ckptdir, n))
+                removed = True
+        if removed:
+            self.fs.sync_dir(self._ckptdir)
+        self._bytes_since_ckpt = 0
+        return self.index.last_lsn
+
+    # -- appending -----------------------------------------------------------------------------
+
+    def _check_thread(self) -> None:
+        if threading.get_ident() != self._thread:
+            raise StoreError("the store is owned by another thread")
+
+    def _check_writable(self) -> None:
+        if self.state != StoreState.OPEN:
+            raise StoreReadOnly(
+                f"store is {self.state.value}" + (f": {self.error}" if self.error else "")
+            )
+
+    def _append_raw(
+        self, frame: bytes, hdr: fmt.FrameHeader, payload: bytes, blobs: tuple[bytes, ...]
+    ) -> None:
+        assert self._active is not None
+        if (
+            self._active.size() + len(frame) > self.options.segment_bytes
+            and self._active.size() > fmt.SEGMENT_HEADER_SIZE
+        ):
+            self._roll()
+        off = self._active.size()
+        try:
+            self._active.write(frame)
+        except OSError as e:
+            self._fail(e)
+            raise StoreIOError(f"write to the log failed: {e.strerror or e}") from None
+        if not self._unsynced or self._unsynced[-1] is not self._active:
+            self._unsynced.append(self._active)
+        self._pending.append(
+            _Pending(
+                hdr.lsn,
+                hdr,
+                payload,
+                self._active_segno,
+                off + fmt.FRAME_HEADER_SIZE,
+                blobs,
+                len(frame),
+            )
+        )
+        for h in blobs:
+            self._written_blobs[h] = hdr.lsn
+        self._next_lsn = hdr.lsn + 1
+        self.stats_frames += 1
+        for cb in self._frame_listeners:
+            cb(hdr.lsn, frame)
+
+    def _append(self, records: Sequence[fmt.Record], blobs: tuple[bytes, ...] = ()) -> int:
+        self._check_writable()
+        payload = fmt.encode_records(records)
+        lsn = self._next_lsn
+        t = now_ms()
+        frame = fmt.encode_frame(
+            lsn=lsn,
+            generation=self.generation,
+            node_id=self.node_id,
+            time_ms=t,
+            payload=payload,
+            nrecords=len(records),
+        )
+        hdr = fmt.FrameHeader(
+            fmt.FrameKind.TXN,
+            len(records),
+            len(payload),
+            lsn,
+            self.generation,
+            self.node_id,
+            t,
+            fmt.crc32c(payload),
+        )
+        self._append_raw(frame, hdr, payload, blobs)
+        return lsn
+
+    def _append_chunk(self, stream: bytes, idx: int, data: bytes) -> None:
+        self._check_thread()
+        self._append([fmt.Chunk(stream, idx, data)])
+
+    def _roll(self) -> None:
+        old = self._active
+        if old is not None and old not in self._unsynced:
+            # Already synced (or being synced right now): one more fsync is cheap, and the
+            # next flush closes the sealed segment's write handle after it.
+            self._unsynced.append(old)
+        try:
+            self._new_segment(self._active_segno + 1, self._next_lsn)
+        except OSError as e:
+            self._fail(e)
+            raise StoreIOError(f"cannot create a log segment: {e.strerror or e}") from None
+
+    def _fail(self, exc: BaseException) -> None:
+        """Enter ERROR: fail everything pending; never retry an fsync."""
+        if self.state != StoreState.OPEN:
+            return
+        self.state = StoreState.ERROR
+        self.error = f"{type(exc).__name__}: {exc}"
+        log.error("store entered ERROR state (read-only until reopened): %s", self.error)
+        self._pending.clear()
+        err = StoreIOError(f"the log could not be made durable ({self.error})")
+        while self._waiters:
+            _, fut = self._waiters.popleft()
+            if not fut.done():
+                fut.set_exception(err)
+        self._wake_settled()
+
+    def _take_unsynced(self) -> tuple[list[WritableFile], bool]:
+        files, self._unsynced = self._unsynced, []
+        d, self._dir_dirty = self._dir_dirty, False
+        return files, d
+
+    def _sync_files(self, files: list[WritableFile], dir_dirty: bool) -> None:
+        """fsync the files, then the log directory if a segment was created. Runs in a worker
+        thread (async) or inline (sync); touches no other state."""
+        for f in files:
+            f.sync()
+        if dir_dirty:
+            self.fs.sync_dir(self._logdir)
+
+    def _close_sealed(self, files: list[WritableFile]) -> None:
+        """After a sync (loop thread): close write handles of sealed segments that no later
+        flush still has to sync."""
+        for f in files:
+            if f is not self._active and f not in self._unsynced and f not in self._inflight:
+                f.close()
+
+    def _apply_upto(self, target: int) -> None:
+        touched: set[bytes] = set()
+        applied = 0
+        while self._pending and self._pending[0].lsn <= target:
+            p = self._pending.popleft()
+            try:
+                t = self.index.apply_frame(p.header, p.payload, p.segno, p.payload_off)
+            except fmt.FormatError as e:
+                self._fail(e)
+                raise StoreIOError(f"a committed frame did not apply: {e}") from None
+            touched |= t
+            self._applied_pos = (p.segno, p.payload_off + len(p.payload))
+            self._bytes_since_ckpt += p.size
+            for h in p.blobs:
+                if self._written_blobs.get(h) == p.lsn:
+                    del self._written_blobs[h]
+            applied = p.lsn
+        while self._waiters and self._waiters[0][0] <= target:
+            _, fut = self._waiters.popleft()
+            if not fut.done():
+                fut.set_result(None)
+        if applied:
+            ev = CommitEvent(applied, frozenset(touched))
+            for cb in self._commit_listeners:
+                cb(ev)
+        if not self._pending:
+            self._exclusive_lsn = 0
+            self._wake_settled()
+            if self._bytes_since_ckpt >= self.options.checkpoint_every_bytes:
+                try:
+                    self.checkpoint()
+                except OSError as e:
+                    log.error("checkpoint failed (the log is intact): %s", e)
+
+    def _wake_settled(self) -> None:
+        ws, self._settle_waiters = self._settle_waiters, []
+        for w in ws:
+            if not w.done():
+                w.set_result(None)
+
+    def _flush_sync(self) -> None:
+        if not self._pending:
+            return
+        if self.barrier is not None:
+            raise StoreError(
+                "synchronous commits are not allowed while a durability barrier "
+                "(replication) is set"
+            )
+        target = self._next_lsn - 1
+        files, d = self._take_unsynced()
+        # Files an async flush is syncing right now hold frames <= target too.
+        files = [f for f in self._inflight if f not in files] + files
+        try:
+            self._sync_files(files, d or bool(self._inflight))
+        except OSError as e:
+            self._fail(e)
+            raise StoreIOError(f"fsync of the log failed: {e.strerror or e}") from None
+        self._close_sealed(files)
+        self.stats_fsyncs += 1
+        self._durable_lsn = max(self._durable_lsn, target)
+        self._apply_upto(target)
+
+    def _settle_sync(self) -> None:
+        self._flush_sync()
+
+    async def settle(self) -> None:
+        """Wait until every appended frame is durable and applied."""
+        while self._pending and self.state == StoreState.OPEN:
+            fut = asyncio.get_running_loop().create_future()
+            self._settle_waiters.append(fut)
+            self._ensure_flusher()
+            await fut
+        self._check_writable()
+
+    def _commit_sync(self, txn: Transaction) -> int:
+        self._check_thread()
+        self._check_writable()
+        if self._pending and (txn.exclusive or self._exclusive_lsn):
+            self._flush_sync()
+        lsn = self._write_txn(txn)
+        self._flush_sync()
+        return lsn
+
+    async def _commit_async(self, txn: Transaction) -> int:
+        self._check_thread()
+        self._check_writable()
+        while self._pending and (txn.exclusive or self._exclusive_lsn):
+            await self.settle()
+        lsn = self._write_txn(txn)
+        if lsn <= self.index.last_lsn:
+            return lsn
+        fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._waiters.append((lsn, fut))
+        self._ensure_flusher()
+        await fut
+        return lsn
+
+    def _ensure_flusher(self) -> None:
+        if self._flusher is None or self._flusher.done():
+            self._flusher = asyncio.get_running_loop().create_task(self._flush_loop())
+
+    async def _flush_loop(self) -> None:
+        loop = asyncio.get_running_loop()
+        if self._executor is None:
+            self._executor = ThreadPoolExecutor(1, thread_name_prefix="mh-fsync")
+        while self._pending and self.state == StoreState.OPEN:
+            target = self._next_lsn - 1
+            files, d = self._take_unsynced()
+            try:
+                if files or d:
+                    self._inflight = files
+                    try:
+                        await loop.run_in_executor(self._executor, self._sync_files, files, d)
+                    finally:
+                        self._inflight = []
+                    self.stats_fsyncs += 1
+                    self._close_sealed(files)
+                self._durable_lsn = max(self._durable_lsn, target)
+                if self.barrier is not None:
+                    await self.barrier.wait(target)
+                self._apply_upto(target)
+            except OSError as e:
+                self._fail(e)
+            except StoreError:
+                pass  # _apply_upto already failed the store
+            except Exception as e:  # a barrier failure: not acknowledged, store stays usable
+                log.error("durability barrier failed: %s", e)
+                self._fail(e)
+
+    # -- encoding a transaction ----------------------------------------------------------------
+
+    def _write_txn(self, txn: Transaction) -> int:
+        records, blobs = self._encode(txn)
+        self.stats_commits += 1
+        if not records:
+            return self.index.last_lsn
+        lsn = self._append(records, blobs)
+        txn.committed_lsn = lsn
+        if txn.exclusive:
+            self._exclusive_lsn = lsn
+        for b in txn._blobs.values():
+            self._open_streams.discard(b.stream)
+        return lsn
+
+    def _blob_present(self, h: bytes) -> bool:
+        if h in self._written_blobs:
+            return True
+        s = self.index.blobs.slot(h)
+        return s is not None and self.index.blobs.has_data(s) and self.index.blobs.refs[s] > 0
+
+    def _encode(self, txn: Transaction) -> tuple[list[fmt.Record], tuple[bytes, ...]]:
+        """Validate and encode (raises before any write); advance the allocation counters."""
+        enc = Encoder(
+            self.index,
+            alloc_uid=self._alloc_uid,
+            alloc_modseq=self._alloc_modseq,
+            blob_present=self._blob_present,
+            blob_size=self._blob_size,
+            new_blobs=txn._blobs,
+            now_ms=now_ms,
+        )
+        for op in txn._ops:
+            enc.add(op)
+        out = enc.finish(txn._meta)
+        self._alloc_uid, self._alloc_modseq = enc.alloc_uid, enc.alloc_modseq
+        return out
+
+    def _blob_size(self, h: bytes) -> int:
+        s = self.index.blobs.slot(h)
+        if s is not None:
+            return int(self.index.blobs.size[s])
+        for p in reversed(self._pending):
+            if h in p.blobs:
+                for rec in fmt.decode_records(p.payload):
+                    if isinstance(rec, fmt.Blob) and rec.hash == h:
+                        return rec.size
+        raise NotFound("blob is not in the store")
+
+    # -- public API ----------------------------------------------------------------------------
+
+    def transaction(self) -> Transaction:
+        """A new transaction: `with store.transaction() as t:` (sync) or `async with`."""
+        self._check_writable()
+        return Transaction(self)
+
+    @property
+    def last_lsn(self) -> int:
+        """LSN of the last appended frame (maybe not durable yet)."""
+        return self._next_lsn - 1
+
+    @property
+    def durable_lsn(self) -> int:
+        """LSN up to which frames are fsynced locally."""
+        return self._durable_lsn
+
+    @property
+    def visible_lsn(self) -> int:
+        """LSN up to which frames are applied and visible (passed the barrier)."""
+        return self.index.last_lsn
+
+    def add_frame_listener(self, cb: Callable[[int, bytes], None]) -> None:
+        """`cb(lsn, frame_bytes)` for every frame as it is appended (replication ships it)."""
+        self._frame_listeners.append(cb)
+
+    def add_commit_listener(self, cb: Callable[[CommitEvent], None]) -> None:
+        """`cb(event)` after frames become visible (IDLE notifications)."""
+        self._commit_listeners.append(cb)
+
+    def remove_commit_listener(self, cb: Callable[[CommitEvent], None]) -> None:
+        with contextlib.suppress(ValueError):
+            self._commit_listeners.remove(cb)
+
+    def _reader(self, segno: int) -> ReadableFile:
+        r = self._readers.get(segno)
+        if r is None:
+            r = self.fs.open_read(segment_path(self._logdir, segno))
+            self._readers[segno] = r
+        return r
+
+    def _read_locs(self, locs: list[ix.Location]) -> bytes:
+        parts = []
+        for loc in locs:
+            data = self._reader(loc.segno).pread(loc.length, loc.offset)
+            if len(data) != loc.length:
+                raise StoreIOError("short read from the log")
+            parts.append(data)
+        return b"".join(parts)
+
+    def read_blob(self, h: bytes, *, verify: bool = True) -> bytes:
+        """The body of a visible blob. Every read from disk re-checks the BLAKE2b hash (cheap
+        next to the read), so a body damaged on disk is never served: StoreIOError instead.
+        Raises NotFound for an unknown or reclaimed blob."""
+        c = self._cache.get(h)
+        if c is not None:
+            return c
+        b = self.index.blobs
+        s = b.slot(h)
+        if s is None or not b.has_data(s):
+            raise NotFound("no such message body")
+        data = self._read_locs(b.location(s))
+        if verify and blob_hash(data) != h:
+            log.error("body %s failed its checksum: damaged on disk; run `store fsck`", h.hex())
+            raise StoreIOError("message body failed its checksum (damaged on disk)")
+        self._cache.put(h, data)
+        return data
+
+    def read_mime_meta(self, h: bytes) -> tuple[int, bytes] | None:
+        """(version, data) of the blob's stored MIME metadata, or None."""
+        key = b"m" + h
+        c = self._cache.get(key)
+        if c is None:
+            b = self.index.blobs
+            s = b.slot(h)
+            if s is None or b.meta_len[s] == 0:
+                return None
+            c = self._read_locs([ix.Location(b.meta_seg[s], b.meta_off[s], b.meta_len[s])])
+            self._cache.put(key, c)
+        return c[0], c[1:]
+
+    def read_frames(self, from_lsn: int) -> Iterator[bytes]:
+        """The committed (visible) frames with LSN >= from_lsn, byte for byte as in the log."""
+        limit = self.index.last_lsn
+        segs = sorted(self._segments)
+        start = segs[0]
+        for s in segs:
+            if self._segments[s].first_lsn <= from_lsn:
+                start = s
+        for s in segs:
+            if s < start:
+                continue
+            frames, _stops = scan_segment(
+                self.fs,
+                segment_path(self._logdir, s),
+                s,
+                fmt.SEGMENT_HEADER_SIZE,
+                self._segments[s].first_lsn,
+            )
+            for fr in frames:
+                if fr.header.lsn > limit:
+                    return
+                if fr.header.lsn >= from_lsn:
+                    yield fr.raw
+
+    def ingest_blocking(self, frames: Sequence[bytes]) -> int:
+        """Append a peer's frames byte for byte (each verified, LSNs consecutive), fsync, apply.
+        Returns the last LSN."""
+        self._check_thread()
+        for raw in frames:
+            self._ingest_one(raw)
+        self._flush_sync()
+        return self.index.last_lsn
+
+    async def ingest(self, frames: Sequence[bytes]) -> int:
+        """Async `ingest_blocking`, sharing group commit."""
+        self._check_thread()
+        for raw in frames:
+            self._ingest_one(raw)
+        await self.settle()
+        return self.index.last_lsn
+
+    def _ingest_one(self, raw: bytes) -> None:
+        self._check_writable()
+        hdr = fmt.decode_frame_header(raw)
+        payload = raw[fmt.FRAME_HEADER_SIZE :]
+        if len(payload) != hdr.payload_len or fmt.crc32c(payload) != hdr.payload_crc:
+            raise fmt.FormatError("ingested frame payload is corrupt")
+        if hdr.lsn != self._next_lsn:
+            raise InvalidArgument(f"ingested frame LSN {hdr.lsn}, expected {self._next_lsn}")
+        blobs = tuple(
+            bytes(payload[o : o + 32])
+            for t, o, _ in fmt.iter_record_spans(payload)
+            if t == fmt.RecordType.BLOB
+        )
+        self._append_raw(bytes(raw), hdr, bytes(payload), blobs)
+        self.generation = max(self.generation, hdr.generation)
+
+    # -- maintenance ---------------------------------------------------------------------------
+
+    def segments(self) -> list[tuple[int, int]]:
+        """(segno, size in bytes) of every segment."""
+        return [(s, self._segment_size(s)) for s in sorted(self._segments)]
+
+    def stats(self) -> dict[str, int | float | str]:
+        """Figures for `mailharbor store stats`."""
+        b = self.index.blobs
+        live = sum(b.size[s] for s in range(len(b)) if b.refs[s] > 0)
+        logical = sum(mb.total_size for mb in self.index.mailboxes.values())
+        phys = sum(sz for _, sz in self.segments())
+        return {
+            "state": self.state.value,
+            "last_lsn": self.last_lsn,
+            "durable_lsn": self.durable_lsn,
+            "visible_lsn": self.visible_lsn,
+            "generation": self.generation,
+            "segments": len(self._segments),
+            "log_bytes": phys,
+            "accounts": len(self.index.accounts),
+            "domains": len(self.index.domains),
+            "aliases": len(self.index.aliases),
+            "mailboxes": len(self.index.mailboxes),
+            "messages": self.index.message_count,
+            "blobs": len(b),
+            "blobs_live": sum(1 for s in range(len(b)) if b.refs[s] > 0),
+            "logical_bytes": logical,
+            "unique_body_bytes": live,
+            "dedup_ratio": round(logical / live, 3) if live else 1.0,
+            "queue_entries": len(self.index.queue),
+            "orphan_chunk_streams": len(b.pending_chunks),
+            "cache_bytes": self._cache.used,
+            "cache_budget": self._cache.budget,
+            "cache_hits": self._cache.hits,
+            "cache_misses": self._cache.misses,
+            "commits": self.stats_commits,
+            "fsyncs": self.stats_fsyncs,
+            "frames_appended": self.stats_frames,
+        }
+
+    def compact(self) -> CompactReport:
+        """Reclaim the space of bodies with no references (and orphaned chunks) in sealed
+        segments. Each segment is rewritten atomically with the same frames and LSNs (reclaimed
+        data replaced by RECLAIMED records), then a checkpoint is written. Blocking."""
+        from mailharbor.store.compact import compact_store
+
+        self._check_thread()
+        self._check_writable()
+        self._settle_sync()
+        return compact_store(self)
+
+
+def open_store(data_dir: str, node_id: bytes, options: StoreOptions | None = None) -> Store:
+    """Convenience for CLI and tests."""
+    return Store.open(data_dir, node_id=node_id, options=options)
+
+
+__all__ = [
+    "AlreadyExists",
+    "BlobWriter",
+    "Change",
+    "CommitEvent",
+    "CompactReport",
+    "CorruptLog",
+    "Delivery",
+    "DurabilityBarrier",
+    "InvalidArgument",
+    "NotFound",
+    "RecoveryReport",
+    "Store",
+    "StoreError",
+    "StoreIOError",
+    "StoreLocked",
+    "StoreOptions",
+    "StoreReadOnly",
+    "StoreState",
+    "Transaction",
+    "blob_hash",
+    "check_mailbox_name",
+    "normalize_address",
+    "normalize_domain",
+    "open_store",
+]
