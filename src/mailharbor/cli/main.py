@@ -1,0 +1,93 @@
+"""Entry point of the ``mailharbor`` command.
+
+Contract: :func:`main` returns the exit status and never shows a traceback for an expected
+failure. Usage errors print one line on stderr and exit 2; :class:`~mailharbor.cli.CliError`,
+:class:`~mailharbor.config.ConfigError` and ``OSError`` print one line on stderr and exit with
+the error's code (1 unless a CliError says otherwise); Ctrl-C exits 130.
+
+To add a subcommand, write ``mailharbor/cli/<name>_cmd.py`` with ``register(subparsers)`` (see
+:mod:`mailharbor.cli.init_cmd`) and append the module to ``COMMAND_MODULES``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+from typing import NoReturn, Protocol, TypeAlias
+
+from mailharbor import __version__
+from mailharbor.cli import EXIT_FAILURE, EXIT_USAGE, CliError, init_cmd
+from mailharbor.config import ConfigError
+
+__all__ = ["COMMAND_MODULES", "build_parser", "main"]
+
+PROG = "mailharbor"
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """An ArgumentParser whose usage errors are one line on stderr, exit status 2."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(EXIT_USAGE, f"{self.prog}: error: {message} (see '{self.prog} --help')\n")
+
+
+#: What ``register`` receives: the action returned by ``add_subparsers()``.
+Subparsers: TypeAlias = "argparse._SubParsersAction[ArgumentParser]"
+
+
+class CommandModule(Protocol):
+    """What a subcommand module provides."""
+
+    def register(self, subparsers: Subparsers) -> None: ...
+
+
+#: Subcommand modules, in the order ``--help`` lists them.
+COMMAND_MODULES: tuple[CommandModule, ...] = (init_cmd,)
+
+
+def build_parser() -> ArgumentParser:
+    """The full parser with every registered subcommand."""
+    parser = ArgumentParser(
+        prog=PROG,
+        description="mailharbor: a high-availability mail server on a replicated store.",
+    )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    for module in COMMAND_MODULES:
+        module.register(subparsers)
+    return parser
+
+
+def _describe_oserror(e: OSError) -> str:
+    text = e.strerror or str(e)
+    if e.filename is not None:
+        text += f": {e.filename}"
+    if e.filename2 is not None:
+        text += f" -> {e.filename2}"
+    return text
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the command line ``argv`` (default ``sys.argv[1:]``); return the exit status."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        status: int = args.func(args)
+        return status
+    except CliError as e:
+        print(f"{PROG}: error: {e.message}", file=sys.stderr)
+        return e.exit_code
+    except ConfigError as e:
+        print(f"{PROG}: error: {e}", file=sys.stderr)
+        return EXIT_FAILURE
+    except OSError as e:
+        print(f"{PROG}: error: {_describe_oserror(e)}", file=sys.stderr)
+        return EXIT_FAILURE
+    except KeyboardInterrupt:
+        print(f"{PROG}: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,911 @@
+"""mailharbor's configuration: one TOML file read into frozen dataclasses.
+
+Theory of operation
+-------------------
+- The schema lives in this module and nowhere else: every section is a frozen, keyword-only
+  dataclass whose fields are declared with :func:`setting` (kind, documentation, default), and
+  :class:`Config` lists the sections as fields declared with :func:`section`. The loader, the
+  template that ``mailharbor init`` writes and the error messages are all derived from it.
+- Loading is total or it fails: :func:`load_config` either returns a fully resolved
+  :class:`Config` (every default filled in, every relative path made absolute against the config
+  file's directory) or raises :class:`ConfigError`. An unknown section or key, a value of the
+  wrong type, an impossible value and a missing required key are all errors; the message names
+  the key path, what was expected and what was found, e.g.
+  ``store.cache_bytes: expected a size >= 1048576 (1MiB), got -5``.
+- Value syntax: sizes are integers (bytes) or strings with a binary unit (``"256KiB"``,
+  ``"64MiB"``, ``"1GiB"``); durations are numbers (seconds) or strings (``"250ms"``, ``"5s"``,
+  ``"2m"``, ``"1h"``) and load as float seconds; booleans are TOML booleans, never ``0``/``1``.
+- Defaults are raw TOML values parsed by the same code as user values, so a default and the same
+  value written in the file always give the same result. A few defaults depend on other settings
+  (``admin.socket`` on ``node.data_dir``): those are :class:`Derived` and may only depend on
+  sections declared *before* their own.
+
+Adding a section (smtp, imap, replication, cluster, ...)
+--------------------------------------------------------
+1. Write ``@dataclass(frozen=True, kw_only=True) class FooConfig`` with one :func:`setting` per key,
+   each with a docstring-quality ``doc``. Add a ``check(self) -> None`` method for rules that span
+   several keys of the section; it raises :class:`ConfigError` naming a key.
+2. Add ``foo: FooConfig = section("...")`` to :class:`Config` (order = order in the template).
+3. Add its keys to README.md's configuration reference (a test checks every key is mentioned).
+New value kinds subclass :class:`Kind`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import functools
+import json
+import math
+import os
+import re
+import textwrap
+import tomllib
+import typing
+import uuid
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Generic, TypeVar
+
+__all__ = [
+    "AdminConfig",
+    "AuthConfig",
+    "Config",
+    "ConfigError",
+    "Derived",
+    "Kind",
+    "LogConfig",
+    "NodeConfig",
+    "StoreConfig",
+    "TlsConfig",
+    "default_config_text",
+    "format_size",
+    "load_config",
+    "new_node_id",
+    "parse_config_text",
+    "parse_duration",
+    "parse_size",
+]
+
+T = TypeVar("T")
+
+KiB = 1024
+MiB = 1024 * KiB
+GiB = 1024 * MiB
+TiB = 1024 * GiB
+
+#: Longest path a Unix-domain socket can bind to on Linux (sun_path is 108 bytes with a NUL).
+UNIX_SOCKET_PATH_MAX = 107
+
+
+class ConfigError(Exception):
+    """The configuration is unusable.
+
+    ``key`` is the dotted key path (``"store.cache_bytes"``; a section name for a section-level
+    problem; ``""`` for the file as a whole), ``problem`` says what is wrong, and ``source`` is the
+    file it came from when known. ``str()`` gives one line: ``SOURCE: KEY: PROBLEM``.
+    """
+
+    def __init__(self, key: str, problem: str, *, source: str | None = None) -> None:
+        self.key = key
+        self.problem = problem
+        self.source = source
+        super().__init__(key, problem, source)
+
+    def __str__(self) -> str:
+        parts = [p for p in (self.source, self.key, self.problem) if p]
+        return ": ".join(parts)
+
+    def with_source(self, source: str) -> ConfigError:
+        """The same error, attributed to ``source`` (a file name) unless it already is."""
+        if self.source is not None:
+            return self
+        return ConfigError(self.key, self.problem, source=source)
+
+
+class _Invalid(Exception):
+    """Raised by :meth:`Kind.parse`; the loader adds the key path and turns it into ConfigError."""
+
+
+# --------------------------------------------------------------------------------------------
+# Value syntax
+# --------------------------------------------------------------------------------------------
+
+_SIZE_UNITS = {"": 1, "b": 1, "kib": KiB, "mib": MiB, "gib": GiB, "tib": TiB}
+_SIZE_RE = re.compile(r"\s*(\d+)\s*([A-Za-z]*)\s*")
+_DURATION_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0}
+_DURATION_RE = re.compile(r"\s*(\d+(?:\.\d+)?)\s*([a-z]+)\s*")
+
+
+def parse_size(value: int | str) -> int:
+    """Return the number of bytes that ``value`` means.
+
+    An int is a byte count; a string is digits with an optional binary unit, case-insensitive:
+    ``"512"``, ``"512B"``, ``"256KiB"``, ``"64MiB"``, ``"1GiB"``, ``"1TiB"``. Decimal units
+    (``"64MB"``) are refused rather than guessed. Raises ValueError. Bounds are not checked.
+    """
+    if isinstance(value, bool) or not isinstance(value, int | str):
+        raise ValueError(f"not a size: {value!r}")
+    if isinstance(value, int):
+        return value
+    m = _SIZE_RE.fullmatch(value)
+    if m is None or m.group(2).lower() not in _SIZE_UNITS:
+        raise ValueError(f"not a size: {value!r} (use B, KiB, MiB, GiB or TiB)")
+    return int(m.group(1)) * _SIZE_UNITS[m.group(2).lower()]
+
+
+def parse_duration(value: int | float | str) -> float:
+    """Return the number of seconds that ``value`` means.
+
+    A number is seconds; a string is a decimal number with a unit ``ms``, ``s``, ``m`` or ``h``
+    (``"250ms"``, ``"5s"``, ``"1.5m"``). Raises ValueError, also for NaN and infinities.
+    Bounds are not checked.
+    """
+    if isinstance(value, bool) or not isinstance(value, int | float | str):
+        raise ValueError(f"not a duration: {value!r}")
+    if isinstance(value, str):
+        m = _DURATION_RE.fullmatch(value)
+        if m is None or m.group(2) not in _DURATION_UNITS:
+            raise ValueError(f"not a duration: {value!r} (use ms, s, m or h)")
+        return float(m.group(1)) * _DURATION_UNITS[m.group(2)]
+    if not math.isfinite(value):
+        raise ValueError(f"not a duration: {value!r}")
+    return float(value)
+
+
+def format_size(n: int) -> str:
+    """``n`` bytes in the largest binary unit dividing it exactly: ``67108864`` -> ``64MiB``."""
+    for unit, factor in (("TiB", TiB), ("GiB", GiB), ("MiB", MiB), ("KiB", KiB)):
+        if n and n % factor == 0:
+            return f"{n // factor}{unit}"
+    return f"{n}B"
+
+
+def _format_seconds(s: float) -> str:
+    if s and s < 1:
+        return f"{s * 1000:g}ms"
+    return f"{s:g}s"
+
+
+def _toml_string(s: str) -> str:
+    # JSON string syntax is TOML basic-string syntax, except that TOML also forbids raw DEL.
+    return json.dumps(s, ensure_ascii=False).replace("\x7f", "\\u007f")
+
+
+def _toml_value(value: object) -> str:
+    """Render a raw value as a TOML literal (for the template and for error messages)."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, str):
+        return _toml_string(value)
+    if isinstance(value, int | float):
+        return repr(value)
+    if isinstance(value, list | tuple):
+        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
+    if isinstance(value, dict):
+        return "a table"
+    return str(value)
+
+
+def _shown(value: object) -> str:
+    text = _toml_value(value)
+    return text if len(text) <= 80 else text[:77] + "..."
+
+
+# --------------------------------------------------------------------------------------------
+# Kinds of values
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class _Context:
+    """What a kind needs besides the raw value: the directory relative paths start from."""
+
+    base_dir: Path
+
+
+class Kind(Generic[T]):
+    """How one kind of value is read: raw TOML value in, typed value out.
+
+    ``parse`` raises ``_Invalid`` with a message of the form ``expected ..., got ...``; the loader
+    prefixes the key path. ``describe_default`` renders a raw default for humans.
+    """
+
+    def parse(self, raw: object, ctx: _Context) -> T:
+        raise NotImplementedError
+
+    def describe_default(self, raw: object) -> str:
+        return _toml_value(raw)
+
+    @staticmethod
+    def bad(expected: str, raw: object) -> _Invalid:
+        return _Invalid(f"expected {expected}, got {_shown(raw)}")
+
+
+def _bounds_text(minimum: float | None, maximum: float | None, fmt: Callable[[Any], str]) -> str:
+    if minimum is not None and maximum is not None:
+        return f"between {fmt(minimum)} and {fmt(maximum)}"
+    if minimum is not None:
+        return f">= {fmt(minimum)}"
+    if maximum is not None:
+        return f"<= {fmt(maximum)}"
+    return ""
+
+
+class Bool(Kind[bool]):
+    """A TOML boolean (``true``/``false``)."""
+
+    def parse(self, raw: object, ctx: _Context) -> bool:
+        if not isinstance(raw, bool):
+            raise self.bad("a boolean (true or false)", raw)
+        return raw
+
+
+@dataclass(frozen=True)
+class Int(Kind[int]):
+    """An integer within [minimum, maximum]."""
+
+    minimum: int | None = None
+    maximum: int | None = None
+
+    def parse(self, raw: object, ctx: _Context) -> int:
+        bounds = _bounds_text(self.minimum, self.maximum, str)
+        expected = f"an integer {bounds}".rstrip()
+        if isinstance(raw, bool) or not isinstance(raw, int):
+            raise self.bad(expected, raw)
+        if (self.minimum is not None and raw < self.minimum) or (
+            self.maximum is not None and raw > self.maximum
+        ):
+            raise self.bad(expected, raw)
+        return raw
+
+
+@dataclass(frozen=True)
+class Size(Kind[int]):
+    """A byte count: an integer or a string with a binary unit (``"64MiB"``)."""
+
+    minimum: int | None = None
+    maximum: int | None = None
+
+    def parse(self, raw: object, ctx: _Context) -> int:
+        if isinstance(raw, bool) or not isinstance(raw, int | str):
+            raise self.bad('a size (an integer number of bytes or a string like "64MiB")', raw)
+        try:
+            n = parse_size(raw)
+        except ValueError:
+            expected = 'a size like "512KiB" or "64MiB" (units B, KiB, MiB, GiB, TiB)'
+            raise self.bad(expected, raw) from None
+        if (self.minimum is not None and n < self.minimum) or (
+            self.maximum is not None and n > self.maximum
+        ):
+            fmt: Callable[[int], str] = lambda v: f"{v} ({format_size(v)})"  # noqa: E731
+            raise self.bad(f"a size {_bounds_text(self.minimum, self.maximum, fmt)}", raw)
+        return n
+
+    def describe_default(self, raw: object) -> str:
+        return _toml_value(raw)
+
+
+@dataclass(frozen=True)
+class Duration(Kind[float]):
+    """Seconds: a number, or a string with a unit (``"250ms"``, ``"5s"``, ``"2m"``, ``"1h"``)."""
+
+    minimum: float | None = None
+    maximum: float | None = None
+
+    def parse(self, raw: object, ctx: _Context) -> float:
+        if isinstance(raw, bool) or not isinstance(raw, int | float | str):
+            raise self.bad('a duration (seconds, or a string like "250ms" or "5s")', raw)
+        try:
+            s = parse_duration(raw)
+        except ValueError:
+            raise self.bad('a duration like "250ms", "5s", "2m" or "1h"', raw) from None
+        if (self.minimum is not None and s < self.minimum) or (
+            self.maximum is not None and s > self.maximum
+        ):
+            bounds = _bounds_text(self.minimum, self.maximum, _format_seconds)
+            raise self.bad(f"a duration {bounds}", raw)
+        return s
+
+    def describe_default(self, raw: object) -> str:
+        if isinstance(raw, int | float) and not isinstance(raw, bool):
+            return f"{raw} (seconds)"
+        return _toml_value(raw)
+
+
+@dataclass(frozen=True)
+class Pattern(Kind[str]):
+    """A string matching ``regex`` in full; ``what`` describes it in errors."""
+
+    regex: str
+    what: str
+    max_length: int | None = None
+
+    def parse(self, raw: object, ctx: _Context) -> str:
+        if (
+            not isinstance(raw, str)
+            or re.fullmatch(self.regex, raw) is None
+            or (self.max_length is not None and len(raw) > self.max_length)
+        ):
+            raise self.bad(self.what, raw)
+        return raw
+
+
+@dataclass(frozen=True)
+class Choice(Kind[str]):
+    """One of a fixed set of strings."""
+
+    choices: tuple[str, ...]
+
+    def parse(self, raw: object, ctx: _Context) -> str:
+        if not isinstance(raw, str) or raw not in self.choices:
+            raise self.bad("one of " + ", ".join(_toml_string(c) for c in self.choices), raw)
+        return raw
+
+
+class PathKind(Kind[Path]):
+    """A file system path; a relative one is relative to the config file's directory."""
+
+    def parse(self, raw: object, ctx: _Context) -> Path:
+        if not isinstance(raw, str) or not raw or "\0" in raw:
+            raise self.bad("a path (a non-empty string)", raw)
+        return ctx.base_dir / Path(raw).expanduser()
+
+
+class PathOrStderr(Kind[Path | None]):
+    """Like :class:`PathKind`, or ``"-"`` for standard error (loads as None)."""
+
+    def parse(self, raw: object, ctx: _Context) -> Path | None:
+        if raw == "-":
+            return None
+        if not isinstance(raw, str) or not raw or "\0" in raw:
+            raise self.bad('a path, or "-" for standard error', raw)
+        return ctx.base_dir / Path(raw).expanduser()
+
+
+class Guid(Kind[bytes]):
+    """A 16-byte GUID written as 32 hexadecimal digits."""
+
+    def parse(self, raw: object, ctx: _Context) -> bytes:
+        if not isinstance(raw, str) or re.fullmatch(r"[0-9a-fA-F]{32}", raw) is None:
+            raise self.bad("32 hexadecimal digits (a 16-byte GUID)", raw)
+        return bytes.fromhex(raw)
+
+
+@dataclass(frozen=True)
+class ListOf(Kind[tuple[T, ...]]):
+    """A TOML array whose items are all of ``item`` kind; loads as a tuple."""
+
+    item: Kind[T]
+    min_items: int = 0
+
+    def parse(self, raw: object, ctx: _Context) -> tuple[T, ...]:
+        if not isinstance(raw, list) or len(raw) < self.min_items:
+            least = f" of at least {self.min_items} item(s)" if self.min_items else ""
+            raise self.bad(f"an array{least}", raw)
+        out: list[T] = []
+        for i, v in enumerate(raw):
+            try:
+                out.append(self.item.parse(v, ctx))
+            except _Invalid as e:
+                raise _Invalid(f"item {i}: {e}") from None
+        return tuple(out)
+
+
+_LABEL_RE = r"[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?"
+_HOST_LABEL_RE = r"[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?"
+NODE_NAME = Pattern(
+    _LABEL_RE, "a DNS label (1-63 lowercase letters, digits and '-', not at either end)"
+)
+HOSTNAME = Pattern(
+    rf"{_HOST_LABEL_RE}(?:\.{_HOST_LABEL_RE})*",
+    "a host name (dot-separated labels of letters, digits and '-')",
+    max_length=253,
+)
+
+
+def validate_node_name(name: str) -> str:
+    """Return ``name`` if it is a valid ``node.name``, else raise ValueError saying why."""
+    try:
+        return NODE_NAME.parse(name, _Context(Path(".")))
+    except _Invalid as e:
+        raise ValueError(str(e)) from None
+
+
+def validate_hostname(hostname: str) -> str:
+    """Return ``hostname`` if it is a valid ``node.hostname``, else raise ValueError saying why."""
+    try:
+        return HOSTNAME.parse(hostname, _Context(Path(".")))
+    except _Invalid as e:
+        raise ValueError(str(e)) from None
+
+
+# --------------------------------------------------------------------------------------------
+# Schema declarations
+# --------------------------------------------------------------------------------------------
+
+
+class _Required:
+    def __repr__(self) -> str:
+        return "REQUIRED"
+
+
+REQUIRED: Any = _Required()
+
+
+@dataclass(frozen=True)
+class DeriveContext:
+    """Given to a :class:`Derived` default: the base directory and the sections loaded so far."""
+
+    base_dir: Path
+    sections: Mapping[str, Any]
+
+
+@dataclass(frozen=True)
+class Derived:
+    """A default computed from other settings.
+
+    ``doc`` describes it (template, README); ``compute`` returns the final typed value;
+    ``example`` returns a raw value written, commented out, in the template (for the template
+    ``mailharbor init`` writes it must equal what ``compute`` gives).
+    """
+
+    doc: str
+    compute: Callable[[DeriveContext], Any]
+    example: Callable[[], object]
+
+
+@dataclass(frozen=True)
+class Setting:
+    """The schema of one key: its kind, its documentation and its default (raw or derived)."""
+
+    kind: Kind[Any]
+    doc: str
+    default: object = REQUIRED
+
+    @property
+    def required(self) -> bool:
+        return self.default is REQUIRED
+
+
+def setting(kind: Kind[T], doc: str, default: object = REQUIRED) -> Any:
+    """Declare a key of a section dataclass (see the module docstring)."""
+    return dataclasses.field(metadata={"setting": Setting(kind, doc, default)})
+
+
+def section(doc: str) -> Any:
+    """Declare a section field of :class:`Config`."""
+    return dataclasses.field(metadata={"section": doc})
+
+
+def _settings(cls: type) -> list[tuple[str, Setting]]:
+    return [(f.name, f.metadata["setting"]) for f in dataclasses.fields(cls)]
+
+
+# --------------------------------------------------------------------------------------------
+# The sections
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, kw_only=True)
+class NodeConfig:
+    """``[node]``: who this node is and where it keeps its data.
+
+    - ``name``: short node name, a DNS label; appears in logs, replies and the cluster view.
+    - ``node_id``: 16-byte GUID (32 hex digits), generated by ``mailharbor init``; written into
+      every log record as the writer. Never change it once the node has data.
+    - ``hostname``: the mail host name (SMTP greeting, HELO, Received headers, certificate).
+    - ``data_dir``: the store's directory (one writer at a time); relative to the config file.
+    """
+
+    name: str = setting(
+        NODE_NAME,
+        "Short name of this node: a DNS label (lowercase letters, digits, '-'). "
+        "It appears in logs, in SMTP replies and in the cluster view; "
+        "the two nodes of a pair need different names.",
+    )
+    node_id: bytes = setting(
+        Guid(),
+        "This node's identity: a 16-byte GUID as 32 hex digits, generated by `mailharbor "
+        "init`. Every log record names the node that wrote it. Never change it once the "
+        "node has data.",
+    )
+    hostname: str = setting(
+        HOSTNAME,
+        "The mail host name: used in the SMTP greeting, in HELO/EHLO when sending and in "
+        "Received headers. The self-signed certificate made by `mailharbor init` is for it.",
+    )
+    data_dir: Path = setting(
+        PathKind(),
+        "Directory of the store (log segments, checkpoints, lock). Relative paths are "
+        "relative to this file's directory. Only one process may use it at a time.",
+        "data",
+    )
+
+    @property
+    def node_id_hex(self) -> str:
+        """``node_id`` as 32 lowercase hex digits, as written in the file."""
+        return self.node_id.hex()
+
+
+@dataclass(frozen=True, kw_only=True)
+class StoreConfig:
+    """``[store]``: the log-structured store.
+
+    - ``segment_bytes``: size at which a log segment file is closed and a new one started.
+    - ``cache_bytes``: memory for cached message data.
+    - ``checkpoint_every_bytes``: log written between index checkpoints (bounds replay time).
+    - ``chunk_bytes``: bodies larger than this are written as several chunk records.
+    - ``sync``: fsync before acknowledging. ``False`` voids the durability promise ("acknowledged
+      means durable"); only for tests that do not depend on durability.
+    """
+
+    segment_bytes: int = setting(
+        Size(minimum=MiB, maximum=4 * GiB),
+        "Size at which a log segment file is closed and a new one begun. Larger segments mean "
+        "fewer files; smaller ones let compaction reclaim space sooner.",
+        "64MiB",
+    )
+    cache_bytes: int = setting(
+        Size(minimum=MiB),
+        "Memory for cached message data (bodies, parsed headers) in front of the log.",
+        "64MiB",
+    )
+    checkpoint_every_bytes: int = setting(
+        Size(minimum=MiB),
+        "Amount of log written between index checkpoints; bounds the replay work at start-up.",
+        "64MiB",
+    )
+    chunk_bytes: int = setting(
+        Size(minimum=4 * KiB, maximum=64 * MiB),
+        "Message bodies larger than this are written as several chunk records before the "
+        "transaction's commit. Must be smaller than segment_bytes.",
+        "256KiB",
+    )
+    sync: bool = setting(
+        Bool(),
+        "fsync the log before acknowledging. Setting this to false VOIDS the durability "
+        "promise (an acknowledged message can be lost in a crash); it exists only for tests "
+        "that do not depend on durability. Never set it on a server.",
+        True,
+    )
+
+    def check(self) -> None:
+        """Rules across keys: a chunk must fit well inside a segment."""
+        if self.chunk_bytes >= self.segment_bytes:
+            raise ConfigError(
+                "store.chunk_bytes",
+                f"must be smaller than store.segment_bytes ({format_size(self.segment_bytes)}),"
+                f" got {format_size(self.chunk_bytes)}",
+            )
+
+
+def _default_admin_socket(ctx: DeriveContext) -> Path:
+    node: NodeConfig = ctx.sections["node"]
+    return node.data_dir / "admin.sock"
+
+
+@dataclass(frozen=True, kw_only=True)
+class AdminConfig:
+    """``[admin]``: the local admin socket the CLI talks to.
+
+    - ``socket``: path of the Unix socket (default ``<data_dir>/admin.sock``); at most 107 bytes.
+    """
+
+    socket: Path = setting(
+        PathKind(),
+        "Unix socket on which the running node takes admin commands from the CLI. It must be "
+        "at most 107 bytes long (a Linux limit); only its owner may connect.",
+        Derived(
+            "<data_dir>/admin.sock",
+            _default_admin_socket,
+            lambda: "data/admin.sock",
+        ),
+    )
+
+    def check(self) -> None:
+        """The socket path must fit in sun_path."""
+        n = len(os.fsencode(self.socket))
+        if n > UNIX_SOCKET_PATH_MAX:
+            raise ConfigError(
+                "admin.socket",
+                f"path is {n} bytes long, the limit for a Unix socket is "
+                f"{UNIX_SOCKET_PATH_MAX}: set a shorter admin.socket ({self.socket})",
+            )
+
+
+@dataclass(frozen=True, kw_only=True)
+class TlsConfig:
+    """``[tls]``: the service certificate all mail listeners present.
+
+    - ``cert``: PEM certificate chain; ``key``: PEM private key (mode 0600).
+    """
+
+    cert: Path = setting(
+        PathKind(),
+        "PEM file with the service certificate (and chain) presented by every listener. "
+        "Both nodes of a pair present the same one.",
+        "tls/cert.pem",
+    )
+    key: Path = setting(
+        PathKind(),
+        "PEM file with the certificate's private key; keep it mode 0600.",
+        "tls/key.pem",
+    )
+
+
+def _default_auth_checks() -> int:
+    return 2 * (os.cpu_count() or 1)
+
+
+@dataclass(frozen=True, kw_only=True)
+class AuthConfig:
+    """``[auth]``: password checking.
+
+    - ``max_concurrent_checks``: password hashes computed at once (default 2 x CPU count);
+      further attempts wait, so a login flood cannot exhaust the CPU or memory.
+    - ``cache_seconds``: how long a successful check is remembered.
+    """
+
+    max_concurrent_checks: int = setting(
+        Int(minimum=1, maximum=1024),
+        "Password hashes (Argon2) computed at the same time; further login attempts wait. "
+        "Bounds the CPU and memory a login flood can take.",
+        Derived(
+            "2 x CPU count",
+            lambda ctx: _default_auth_checks(),
+            _default_auth_checks,
+        ),
+    )
+    cache_seconds: float = setting(
+        Duration(minimum=0, maximum=86400),
+        "How long a successful password check is remembered, so that clients that log in "
+        "often do not pay for a hash each time. 0 turns the cache off.",
+        60,
+    )
+
+
+@dataclass(frozen=True, kw_only=True)
+class LogConfig:
+    """``[log]``: logging.
+
+    - ``level``: daemon log level (debug, info, warning, error); the daemon log goes to stderr.
+    - ``mail_log``: file for the mail log, one line per delivery/attempt; ``None`` = stderr.
+    """
+
+    level: str = setting(
+        Choice(("debug", "info", "warning", "error")),
+        "Level of the daemon log, which goes to standard error.",
+        "info",
+    )
+    mail_log: Path | None = setting(
+        PathOrStderr(),
+        'The mail log: one line per delivery, rejection and attempt. "-" writes it to '
+        "standard error with the daemon log.",
+        "mail.log",
+    )
+
+
+@dataclass(frozen=True, kw_only=True)
+class Config:
+    """A whole, validated configuration.
+
+    ``path`` is the file it was loaded from (absolute) and ``base_dir`` its directory, which
+    relative paths were resolved against. Every other field is a section.
+    """
+
+    path: Path
+    node: NodeConfig = section("Identity of this node and where it keeps its data.")
+    store: StoreConfig = section("The log-structured store.")
+    admin: AdminConfig = section("The local admin socket used by the `mailharbor` CLI.")
+    tls: TlsConfig = section("The service certificate presented by every listener.")
+    auth: AuthConfig = section("Password checks.")
+    log: LogConfig = section("Logging.")
+
+    @property
+    def base_dir(self) -> Path:
+        return self.path.parent
+
+
+@functools.cache
+def _sections() -> tuple[tuple[str, str, type], ...]:
+    """(name, doc, dataclass) of every section of :class:`Config`, in declaration order."""
+    hints = typing.get_type_hints(Config)
+    return tuple(
+        (f.name, f.metadata["section"], hints[f.name])
+        for f in dataclasses.fields(Config)
+        if "section" in f.metadata
+    )
+
+
+# --------------------------------------------------------------------------------------------
+# Loading
+# --------------------------------------------------------------------------------------------
+
+
+def _unknown(key_path: str, name: str, known: list[str], what: str) -> ConfigError:
+    close = difflib.get_close_matches(name, known, n=1)
+    hint = f" (did you mean {close[0]}?)" if close else f" (known: {', '.join(known)})"
+    return ConfigError(key_path, f"unknown {what}{hint}")
+
+
+def _parse_section(name: str, cls: type, raw: Mapping[str, object], ctx: DeriveContext) -> object:
+    known = [key for key, _ in _settings(cls)]
+    for key in raw:
+        if key not in known:
+            raise _unknown(f"{name}.{key}", key, known, "key")
+    kctx = _Context(ctx.base_dir)
+    values: dict[str, object] = {}
+    for key, spec in _settings(cls):
+        path = f"{name}.{key}"
+        if key in raw:
+            value = raw[key]
+        elif spec.required:
+            raise ConfigError(path, "required key is missing")
+        elif isinstance(spec.default, Derived):
+            values[key] = spec.default.compute(ctx)
+            continue
+        else:
+            value = spec.default
+        try:
+            values[key] = spec.kind.parse(value, kctx)
+        except _Invalid as e:
+            raise ConfigError(path, str(e)) from None
+    instance = cls(**values)
+    check = getattr(instance, "check", None)
+    if check is not None:
+        check()
+    return instance
+
+
+def parse_config_data(data: Mapping[str, object], *, path: Path) -> Config:
+    """Build a :class:`Config` from already-parsed TOML data.
+
+    ``path`` is the (possibly not existing) file the data stands for; relative paths are resolved
+    against its directory. Raises :class:`ConfigError` (without ``source``).
+    """
+    path = Path(path).absolute()
+    sections = _sections()
+    names = [name for name, _, _ in sections]
+    for key, value in data.items():
+        if key not in names:
+            what = "section" if isinstance(value, dict) else "key"
+            raise _unknown(key, key, names, what)
+    ctx = DeriveContext(base_dir=path.parent, sections={})
+    loaded: dict[str, Any] = {}
+    for name, _doc, cls in sections:
+        raw = data.get(name, {})
+        if not isinstance(raw, dict):
+            raise ConfigError(name, f"expected a table ([{name}]), got {_shown(raw)}")
+        loaded[name] = _parse_section(name, cls, raw, DeriveContext(ctx.base_dir, loaded))
+    return Config(path=path, **loaded)
+
+
+def parse_config_text(text: str, *, path: Path) -> Config:
+    """Parse TOML ``text`` as if it were the content of ``path``.
+
+    Raises :class:`ConfigError` whose ``source`` is ``path``.
+    """
+    try:
+        data = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError("", f"invalid TOML: {e}", source=str(path)) from None
+    try:
+        return parse_config_data(data, path=path)
+    except ConfigError as e:
+        raise e.with_source(str(path)) from None
+
+
+def load_config(path: str | os.PathLike[str]) -> Config:
+    """Read and validate the configuration file at ``path``.
+
+    Returns a fully resolved :class:`Config`. Raises :class:`ConfigError` (naming the file and
+    the key) if the file cannot be read, is not valid TOML, or breaks the schema.
+    """
+    p = Path(path)
+    try:
+        text = p.read_bytes().decode("utf-8")
+    except OSError as e:
+        raise ConfigError("", f"cannot read: {e.strerror or e}", source=str(p)) from None
+    except UnicodeDecodeError as e:
+        raise ConfigError("", f"not UTF-8: {e}", source=str(p)) from None
+    return parse_config_text(text, path=p)
+
+
+# --------------------------------------------------------------------------------------------
+# The template written by `mailharbor init`
+# --------------------------------------------------------------------------------------------
+
+_HEADER = """\
+# mailharbor configuration.
+#
+# Written by `mailharbor init`. Every key is explained below; a commented-out key
+# shows its default, so uncommenting it changes nothing until you edit the value.
+# Unknown keys and impossible values are refused at start-up, naming the key.
+#
+# Sizes: an integer (bytes) or a string with a binary unit: "256KiB", "64MiB", "1GiB".
+# Durations: a number (seconds) or a string: "250ms", "5s", "2m", "1h".
+# Relative paths are relative to the directory of this file."""
+
+
+def _comment(text: str, width: int = 78) -> list[str]:
+    return ["# " + line for line in textwrap.wrap(text, width - 2)]
+
+
+def render_template(active: Mapping[str, Mapping[str, object]]) -> str:
+    """Render the commented configuration template.
+
+    ``active`` gives raw values for keys that are written uncommented (``{"node": {"name":
+    "mx1"}}``); every other key is written commented out with its default. Raises KeyError for a
+    section or key the schema does not have (a programming error).
+    """
+    sections = _sections()
+    schema = {name: dict(_settings(cls)) for name, _, cls in sections}
+    for sec, keys in active.items():
+        for key in keys:
+            if key not in schema[sec]:
+                raise KeyError(f"{sec}.{key}")
+    lines = [_HEADER]
+    for name, doc, cls in sections:
+        values = active.get(name, {})
+        lines.append("")
+        lines.extend(_comment(doc))
+        lines.append(f"[{name}]")
+        for key, spec in _settings(cls):
+            lines.append("")
+            lines.extend(_comment(spec.doc))
+            if isinstance(spec.default, Derived):
+                lines.append(f"# Default: {spec.default.doc}.")
+                example: object = spec.default.example()
+            elif spec.required:
+                lines.append("# Required.")
+                example = None
+            else:
+                lines.append(f"# Default: {spec.kind.describe_default(spec.default)}.")
+                example = spec.default
+            if key in values:
+                lines.append(f"{key} = {_toml_value(values[key])}")
+            elif example is not None:
+                lines.append(f"# {key} = {_toml_value(example)}")
+    return "\n".join(lines) + "\n"
+
+
+def new_node_id() -> bytes:
+    """A fresh random 16-byte node GUID."""
+    return uuid.uuid4().bytes
+
+
+def default_config_text(
+    *,
+    name: str,
+    hostname: str,
+    node_id: bytes,
+    data_dir: str = "data",
+    tls_cert: str = "tls/cert.pem",
+    tls_key: str = "tls/key.pem",
+) -> str:
+    """The configuration ``mailharbor init`` writes: node identity, data dir and certificate
+    paths set, every other key commented out at its default and explained.
+
+    Loading it with :func:`load_config` from the directory it is written to gives exactly those
+    values and the defaults. Raises ValueError if ``node_id`` is not 16 bytes.
+    """
+    if len(node_id) != 16:
+        raise ValueError("node_id must be 16 bytes")
+    return render_template(
+        {
+            "node": {
+                "name": name,
+                "node_id": node_id.hex(),
+                "hostname": hostname,
+                "data_dir": data_dir,
+            },
+            "tls": {"cert": tls_cert, "key": tls_key},
+        }
+    )
+
+
+def schema_keys() -> list[str]:
+    """Every key path of the schema (``"store.cache_bytes"`` ...), in template order."""
+    return [f"{name}.{key}" for name, _, cls in _sections() for key, _ in _settings(cls)]
