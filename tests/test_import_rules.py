@@ -124,7 +124,6 @@ FSYNC_CALLS = ("fsync", "fdatasync", "replace", "sync")
 FSYNC_OWNERS = _mh("store.fsio")
 #: Temporary exemptions from the fsync rule, each to be removed when its reason goes away.
 FSYNC_TEMPORARY = {
-    f"{PACKAGE}.tls": "atomic_write until mailharbor.store.fsio exists (see tls.py)",
 }
 
 STDLIB = frozenset(sys.stdlib_module_names)

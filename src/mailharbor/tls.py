@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import datetime as dt
 import ipaddress
-import os
 import ssl
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,6 +28,8 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+from mailharbor.store.fsio import write_atomic
 
 __all__ = [
     "CERT_VALIDITY_DAYS",
@@ -55,38 +56,10 @@ class CertificateInfo:
     sha256_fingerprint: str  # colon-separated upper-case hex, as openssl prints it
 
 
-# TEMPORARY: DESIGN.md makes `mailharbor.store.fsio` the only caller of os.fsync, os.replace and
-# directory fsync. Until that module exists this private helper does the job for `init`; when it
-# lands, replace the body of `atomic_write` by a call to fsio (or re-export fsio's function) and
-# remove the exemption for `mailharbor.tls` in tests/test_import_rules.py.
 def atomic_write(path: Path, data: bytes, *, mode: int) -> None:
-    """Replace ``path`` with ``data`` atomically and durably; the file gets exactly ``mode``.
-
-    Writes a temporary file in the same directory (created with ``mode``, so a secret is never
-    readable by others), fsyncs it, renames it over ``path`` and fsyncs the directory. On error
-    the temporary file is removed and ``path`` is untouched. Raises OSError.
-    """
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, mode)
-    try:
-        try:
-            os.fchmod(fd, mode)  # the umask may have narrowed it
-            view = memoryview(data)
-            while view:
-                view = view[os.write(fd, view) :]
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    dfd = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-    try:
-        os.fsync(dfd)
-    finally:
-        os.close(dfd)
+    """Replace ``path`` with ``data`` atomically and durably; the file gets exactly ``mode``
+    (see `mailharbor.store.fsio.write_atomic`, the one module that fsyncs). Raises OSError."""
+    write_atomic(str(path), data, mode=mode)
 
 
 def _san_entry(name: str) -> x509.GeneralName:

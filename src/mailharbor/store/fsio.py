@@ -21,6 +21,7 @@ Nothing here retries or hides an error: every `OSError` propagates.
 
 from __future__ import annotations
 
+import contextlib
 import os
 from typing import Protocol
 
@@ -220,21 +221,30 @@ class _NoSyncWritable:
 
 
 def write_atomic(path: str, data: bytes, *, mode: int = 0o600, sync: bool = True) -> None:
-    """Durably replace `path` with `data` on the real filesystem (temp file, fsync, rename,
-    directory fsync). Used for checkpoints, config-adjacent files and keys."""
+    """Replace `path` with `data` atomically and durably on the real filesystem; the file gets
+    exactly `mode`.
+
+    Writes a temporary file in the same directory (created with `mode`, so a secret is never
+    readable by others), fsyncs it, renames it over `path` and fsyncs the directory. On error
+    the temporary file is removed and `path` is untouched. Raises OSError."""
     directory = os.path.dirname(os.path.abspath(path))
-    tmp = f"{path}.tmp-{os.getpid()}"
+    tmp = os.path.join(directory, f".{os.path.basename(path)}.tmp{os.getpid()}")
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, mode)
     try:
-        view = memoryview(data)
-        while view:
-            n = os.write(fd, view)
-            view = view[n:]
-        if sync:
-            os.fsync(fd)
-    finally:
-        os.close(fd)
-    os.replace(tmp, path)
+        try:
+            os.fchmod(fd, mode)  # the umask may have narrowed it
+            view = memoryview(data)
+            while view:
+                view = view[os.write(fd, view) :]
+            if sync:
+                os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
     if sync:
         dfd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
         try:
