@@ -1,0 +1,1 @@
+"""Services between the protocol engines and the store: delivery, mailbox views, auth, quota."""
