@@ -98,6 +98,7 @@ class SegmentHeader:
 _FRAME_HDR = struct.Struct("<4sBBHIQQ16sqII")
 FRAME_HEADER_SIZE = _FRAME_HDR.size
 MAX_FRAME_PAYLOAD = 64 * 1024 * 1024
+MAX_RECORDS = 0xFFFF  # the record count is a u16
 
 
 class FrameKind(IntEnum):

@@ -26,7 +26,7 @@ from __future__ import annotations
 import bisect
 import struct
 from array import array
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 
 from mailharbor.store import format as fmt
@@ -344,19 +344,26 @@ class Index:
     # -- apply ---------------------------------------------------------------------------------
 
     def apply_frame(
-        self, hdr: fmt.FrameHeader, payload: bytes | memoryview, segno: int, payload_off: int
+        self,
+        hdr: fmt.FrameHeader,
+        payload: bytes | memoryview,
+        segno: int,
+        payload_off: int,
+        records: Sequence[fmt.Record] | None = None,
     ) -> set[bytes]:
         """Apply one verified frame whose payload starts at file offset `payload_off` of segment
         `segno`. Deterministic; ignores operations on vanished objects. Returns the GUIDs of the
-        mailboxes it touched."""
+        mailboxes it touched. `records`, when the caller has them (its own frames), are the
+        decoded records of `payload` in order: they spare decoding, nothing else changes."""
         self._touched = set()
         if hdr.kind == fmt.FrameKind.HOLE:
             recs = fmt.decode_records(payload)
             count = recs[0].count if recs and isinstance(recs[0], fmt.Hole) else 1
             self.last_lsn = hdr.lsn + count - 1
             return self._touched
-        for typ, off, ln in fmt.iter_record_spans(payload):
-            body = payload[off : off + ln]
+        mv = memoryview(payload)
+        for i, (typ, off, ln) in enumerate(fmt.iter_record_spans(mv)):
+            body = mv[off : off + ln]
             if typ == fmt.RecordType.BLOB:
                 h = bytes(body[:32])
                 size, nchunks = struct.unpack_from("<QI", body, 32)
@@ -398,7 +405,7 @@ class Index:
                     if s is None:
                         self.blobs.put(h, size, Location(0, 0, 0), None)
                 continue
-            self._apply(fmt.decode_record(typ, body))
+            self._apply(records[i] if records is not None else fmt.decode_record(typ, body))
         self.last_lsn = hdr.lsn
         self.generation = max(self.generation, hdr.generation)
         return self._touched

@@ -15,6 +15,7 @@ objects (`Delivery`, `Change`) the transaction handed out.
 
 from __future__ import annotations
 
+import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -250,8 +251,12 @@ class Encoder:
         now_ms: Callable[[], int],
     ) -> None:
         self.index = index
-        self.alloc_uid = dict(alloc_uid)
-        self.alloc_modseq = dict(alloc_modseq)
+        # The store's counters are read, never written: a refused transaction leaves them as
+        # they were; `new_uid`/`new_modseq` are merged by the store after a successful encode.
+        self._base_uid = alloc_uid
+        self._base_modseq = alloc_modseq
+        self.new_uid: dict[bytes, int] = {}
+        self.new_modseq: dict[bytes, int] = {}
         self._blob_present = blob_present
         self._blob_size = blob_size
         self._new_blobs = new_blobs
@@ -309,13 +314,15 @@ class Encoder:
             raise NotFound("message body is not in the store")
 
     def _next_uid(self, mb: ix.Mailbox) -> int:
-        u = max(self.alloc_uid.get(mb.guid, 0), mb.uidnext)
-        self.alloc_uid[mb.guid] = u + 1
+        g = mb.guid
+        u = max(self.new_uid.get(g) or self._base_uid.get(g, 0), mb.uidnext)
+        self.new_uid[g] = u + 1
         return u
 
     def _next_modseq(self, mb: ix.Mailbox) -> int:
-        m = max(self.alloc_modseq.get(mb.guid, 0), mb.highestmodseq) + 1
-        self.alloc_modseq[mb.guid] = m
+        g = mb.guid
+        m = max(self.new_modseq.get(g) or self._base_modseq.get(g, 0), mb.highestmodseq) + 1
+        self.new_modseq[g] = m
         return m
 
     def _new_uidvalidity(self, acct: bytes) -> int:
@@ -433,7 +440,7 @@ class Encoder:
         for g in op.mailboxes:
             mb = self._mailbox(g)
             self._check_keywords(mb, op.keywords)
-            uid, modseq, mg = self._next_uid(mb), self._next_modseq(mb), _new_guid()
+            uid, modseq, mg = self._next_uid(mb), self._next_modseq(mb), new_guid()
             targets.append(fmt.Target(g, mg, uid, modseq))
             op.result.uids[g], op.result.msg_guids[g], op.result.modseqs[g] = uid, mg, modseq
         nb = self._new_blobs.get(op.blob)
@@ -506,10 +513,22 @@ class Encoder:
         for m in meta:
             if m.blob in written or self._blob_present(m.blob):
                 head.append(m)
-        return head + self.records, tuple(written)
+        out = head + self.records
+        if len(out) > fmt.MAX_RECORDS:
+            raise InvalidArgument(
+                f"transaction too large: {len(out)} records (at most {fmt.MAX_RECORDS})"
+            )
+        return out, tuple(written)
 
 
-def _new_guid() -> bytes:
-    import secrets
+_guid_pool = bytearray()
 
-    return secrets.token_bytes(16)
+
+def new_guid() -> bytes:
+    """16 random bytes (drawn from the OS in batches: one syscall per 256 GUIDs)."""
+    global _guid_pool
+    if not _guid_pool:
+        _guid_pool = bytearray(os.urandom(16 * 256))
+    g = bytes(_guid_pool[-16:])
+    del _guid_pool[-16:]
+    return g

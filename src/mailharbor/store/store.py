@@ -37,7 +37,6 @@ import hashlib
 import logging
 import os
 import re
-import secrets
 import struct
 import threading
 import time
@@ -82,6 +81,7 @@ from mailharbor.store.ops import (
     OpQueueDone,
     OpSubscribe,
     StoreError,
+    new_guid,
 )
 
 log = logging.getLogger("mailharbor.store")
@@ -186,10 +186,6 @@ class CommitEvent:
 def blob_hash(data: bytes) -> bytes:
     """The content hash of a blob: BLAKE2b-256."""
     return hashlib.blake2b(data, digest_size=32).digest()
-
-
-def new_guid() -> bytes:
-    return secrets.token_bytes(16)
 
 
 def now_ms() -> int:
@@ -559,6 +555,7 @@ class _Pending:
     payload_off: int
     blobs: tuple[bytes, ...]
     size: int
+    records: Sequence[fmt.Record] | None  # our own frames: spares decoding at apply
 
 
 @dataclass(slots=True)
@@ -649,6 +646,7 @@ class Store:
         self._alloc_modseq: dict[bytes, int] = {}
         self._open_streams: set[bytes] = set()
         self._exclusive_lsn = 0
+        self._exclusive_waiting = 0
         self._waiters: deque[tuple[int, asyncio.Future[None]]] = deque()
         self._settle_waiters: list[asyncio.Future[None]] = []
         self._flusher: asyncio.Task[None] | None = None
@@ -919,7 +917,12 @@ class Store:
             )
 
     def _append_raw(
-        self, frame: bytes, hdr: fmt.FrameHeader, payload: bytes, blobs: tuple[bytes, ...]
+        self,
+        frame: bytes,
+        hdr: fmt.FrameHeader,
+        payload: bytes,
+        blobs: tuple[bytes, ...],
+        records: Sequence[fmt.Record] | None = None,
     ) -> None:
         assert self._active is not None
         if (
@@ -944,6 +947,7 @@ class Store:
                 off + fmt.FRAME_HEADER_SIZE,
                 blobs,
                 len(frame),
+                records,
             )
         )
         for h in blobs:
@@ -956,27 +960,21 @@ class Store:
     def _append(self, records: Sequence[fmt.Record], blobs: tuple[bytes, ...] = ()) -> int:
         self._check_writable()
         payload = fmt.encode_records(records)
+        if len(payload) > fmt.MAX_FRAME_PAYLOAD:
+            raise InvalidArgument(
+                f"transaction too large: {len(payload)} bytes (at most {fmt.MAX_FRAME_PAYLOAD})"
+            )
         lsn = self._next_lsn
-        t = now_ms()
         frame = fmt.encode_frame(
             lsn=lsn,
             generation=self.generation,
             node_id=self.node_id,
-            time_ms=t,
+            time_ms=now_ms(),
             payload=payload,
             nrecords=len(records),
         )
-        hdr = fmt.FrameHeader(
-            fmt.FrameKind.TXN,
-            len(records),
-            len(payload),
-            lsn,
-            self.generation,
-            self.node_id,
-            t,
-            fmt.crc32c(payload),
-        )
-        self._append_raw(frame, hdr, payload, blobs)
+        hdr = fmt.decode_frame_header(frame)
+        self._append_raw(frame, hdr, payload, blobs, records)
         return lsn
 
     def _append_chunk(self, stream: bytes, idx: int, data: bytes) -> None:
@@ -1036,7 +1034,7 @@ class Store:
         while self._pending and self._pending[0].lsn <= target:
             p = self._pending.popleft()
             try:
-                t = self.index.apply_frame(p.header, p.payload, p.segno, p.payload_off)
+                t = self.index.apply_frame(p.header, p.payload, p.segno, p.payload_off, p.records)
             except fmt.FormatError as e:
                 self._fail(e)
                 raise StoreIOError(f"a committed frame did not apply: {e}") from None
@@ -1056,6 +1054,9 @@ class Store:
             for cb in self._commit_listeners:
                 cb(ev)
         if not self._pending:
+            # Everything allocated is applied now: the index holds the counters again.
+            self._alloc_uid.clear()
+            self._alloc_modseq.clear()
             self._exclusive_lsn = 0
             self._wake_settled()
             if self._bytes_since_ckpt >= self.options.checkpoint_every_bytes:
@@ -1107,7 +1108,7 @@ class Store:
     def _commit_sync(self, txn: Transaction) -> int:
         self._check_thread()
         self._check_writable()
-        if self._pending and (txn.exclusive or self._exclusive_lsn):
+        if self._pending and (self._exclusive_lsn or txn.exclusive):
             self._flush_sync()
         lsn = self._write_txn(txn)
         self._flush_sync()
@@ -1116,8 +1117,17 @@ class Store:
     async def _commit_async(self, txn: Transaction) -> int:
         self._check_thread()
         self._check_writable()
-        while self._pending and (txn.exclusive or self._exclusive_lsn):
-            await self.settle()
+        if txn.exclusive:
+            # Hold new commits back so the pending batch drains (no starvation under load).
+            self._exclusive_waiting += 1
+            try:
+                while self._pending:
+                    await self.settle()
+            finally:
+                self._exclusive_waiting -= 1
+        else:
+            while self._pending and (self._exclusive_lsn or self._exclusive_waiting):
+                await self.settle()
         lsn = self._write_txn(txn)
         if lsn <= self.index.last_lsn:
             return lsn
@@ -1194,7 +1204,8 @@ class Store:
         for op in txn._ops:
             enc.add(op)
         out = enc.finish(txn._meta)
-        self._alloc_uid, self._alloc_modseq = enc.alloc_uid, enc.alloc_modseq
+        self._alloc_uid.update(enc.new_uid)
+        self._alloc_modseq.update(enc.new_modseq)
         return out
 
     def _blob_size(self, h: bytes) -> int:
