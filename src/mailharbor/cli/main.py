@@ -17,7 +17,7 @@ from collections.abc import Sequence
 from typing import NoReturn, Protocol, TypeAlias
 
 from mailharbor import __version__
-from mailharbor.cli import EXIT_FAILURE, EXIT_USAGE, CliError, init_cmd
+from mailharbor.cli import EXIT_FAILURE, EXIT_USAGE, CliError, admin_cmds, init_cmd, serve_cmd
 from mailharbor.config import ConfigError
 
 __all__ = ["COMMAND_MODULES", "build_parser", "main"]
@@ -43,7 +43,7 @@ class CommandModule(Protocol):
 
 
 #: Subcommand modules, in the order ``--help`` lists them.
-COMMAND_MODULES: tuple[CommandModule, ...] = (init_cmd,)
+COMMAND_MODULES: tuple[CommandModule, ...] = (init_cmd, serve_cmd, admin_cmds)
 
 
 def build_parser() -> ArgumentParser:

@@ -1,0 +1,237 @@
+"""One mailharbor node: built from the configuration, started, run, stopped.
+
+Theory of operation
+-------------------
+This is the only module that wires layers together. :class:`Node` owns the lifetime of every
+resource of a node and starts them in order, stopping them in reverse:
+
+1. the store (``Store.open``: takes the data-directory lock, recovers; the recovery report is
+   logged, and the store itself warns about a dropped torn tail or an unusable checkpoint);
+2. the admin server on ``admin.socket``.
+
+(Later: replication role, service address, listeners, queue runner — DESIGN.md's resource
+order.) :meth:`Node.run` starts the node, waits for SIGTERM/SIGINT or :meth:`Node.request_stop`,
+then stops it: the admin socket is closed (running commands finish first), every commit in
+flight is settled, and the store is closed (final checkpoint, lock released).
+
+Invariants
+----------
+- The admin socket exists only while this node holds the store lock: it is bound after
+  ``Store.open`` succeeded and removed before ``Store.close``.
+- A failed start leaves nothing behind: what was started is stopped again, then the error
+  propagates (StoreError, e.g. StoreLocked; AdminSocketError).
+- :attr:`Node.state` only moves forward: STARTING → RUNNING → STOPPING → STOPPED.
+
+The CLI uses :func:`run_offline` when no node runs: it opens the store the same way and runs the
+admin handlers on it in-process, so direct and served commands behave the same.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import logging
+import os
+import signal
+import time
+from enum import Enum
+
+from mailharbor import __version__
+from mailharbor.admin.protocol import Request, Response
+from mailharbor.admin.server import AdminContext, AdminServer, execute
+from mailharbor.config import Config
+from mailharbor.store import Store, StoreOptions
+
+__all__ = ["Node", "NodeState", "run_node", "run_offline", "store_options"]
+
+log = logging.getLogger("mailharbor.node")
+
+
+class NodeState(Enum):
+    """Where a node is in its lifetime."""
+
+    STARTING = "starting"
+    RUNNING = "running"
+    STOPPING = "stopping"
+    STOPPED = "stopped"
+
+
+def store_options(config: Config) -> StoreOptions:
+    """The store tunables of ``config``."""
+    s = config.store
+    return StoreOptions(
+        segment_bytes=s.segment_bytes,
+        cache_bytes=s.cache_bytes,
+        checkpoint_every_bytes=s.checkpoint_every_bytes,
+        chunk_bytes=s.chunk_bytes,
+        sync=s.sync,
+    )
+
+
+def open_store(config: Config) -> Store:
+    """Open the store of ``config`` (lock + recovery) and log the recovery report.
+
+    Must be called on the thread that will own the store. Raises StoreError (StoreLocked when
+    another process holds the data directory) and OSError.
+    """
+    store = Store.open(
+        os.fspath(config.node.data_dir),
+        node_id=config.node.node_id,
+        options=store_options(config),
+    )
+    r = store.recovery
+    if r is not None:
+        # The store itself warns about a dropped torn tail and an unusable checkpoint.
+        notes = []
+        if r.torn_tail is not None:
+            notes.append(f"torn tail of {r.torn_tail.bytes_dropped} bytes dropped")
+        if r.checkpoint_rejected:
+            notes.append("a checkpoint was not usable")
+        log.info(
+            "store %s opened: checkpoint at LSN %d, %d frame(s) replayed, last LSN %d, %.3f s%s",
+            config.node.data_dir,
+            r.checkpoint_lsn,
+            r.replayed_frames,
+            r.last_lsn,
+            r.seconds,
+            f" ({'; '.join(notes)})" if notes else "",
+        )
+    return store
+
+
+class Node:
+    """A node built from ``config``; see the module doc."""
+
+    def __init__(self, config: Config) -> None:
+        self.config = config
+        self.state = NodeState.STARTING
+        self.store: Store | None = None
+        self.admin: AdminServer | None = None
+        self._stop: asyncio.Event | None = None
+        self._stop_reason = ""
+        self._started_monotonic = time.monotonic()
+        self._started_at = time.time()
+
+    @property
+    def name(self) -> str:
+        return self.config.node.name
+
+    def status(self) -> dict[str, object]:
+        """The ``status`` admin command's result: identity, state, store figures, recovery."""
+        store = self.store
+        recovery = (
+            dataclasses.asdict(store.recovery)
+            if store is not None and store.recovery is not None
+            else None
+        )
+        return {
+            "node": self.name,
+            "node_id": self.config.node.node_id_hex,
+            "hostname": self.config.node.hostname,
+            "version": __version__,
+            "pid": os.getpid(),
+            "state": self.state.value,
+            "started_at": round(self._started_at, 3),
+            "uptime_seconds": round(time.monotonic() - self._started_monotonic, 3),
+            "data_dir": os.fspath(self.config.node.data_dir),
+            "admin_socket": os.fspath(self.config.admin.socket),
+            "store": store.stats() if store is not None else None,
+            "recovery": recovery,
+        }
+
+    async def start(self) -> None:
+        """Start the resources in order. On failure, stop what started and re-raise."""
+        if self.state is not NodeState.STARTING:
+            raise RuntimeError(f"node {self.name} cannot start from state {self.state.value}")
+        log.info("node %s (%s) starting, pid %d", self.name, __version__, os.getpid())
+        try:
+            self.store = open_store(self.config)
+            ctx = AdminContext(store=self.store, node_name=self.name, status=self.status)
+            self.admin = AdminServer(self.config.admin.socket, ctx)
+            await self.admin.start()
+        except BaseException:
+            await self._teardown()
+            self.state = NodeState.STOPPED
+            raise
+        self.state = NodeState.RUNNING
+        log.info("node %s running", self.name)
+
+    async def stop(self) -> None:
+        """Stop the resources in reverse order (idempotent)."""
+        if self.state in (NodeState.STOPPING, NodeState.STOPPED):
+            return
+        self.state = NodeState.STOPPING
+        log.info("node %s stopping (%s)", self.name, self._stop_reason or "stop requested")
+        await self._teardown()
+        self.state = NodeState.STOPPED
+        log.info("node %s stopped", self.name)
+
+    async def _teardown(self) -> None:
+        if self.admin is not None:
+            try:
+                await self.admin.close()
+            except Exception:
+                log.exception("closing the admin server failed")
+            self.admin = None
+        if self.store is not None:
+            store, self.store = self.store, None
+            try:
+                with contextlib.suppress(Exception):
+                    await store.settle()
+            finally:
+                store.close()
+
+    def request_stop(self, reason: str = "stop requested") -> None:
+        """Ask :meth:`run` to stop the node (safe to call from a signal handler)."""
+        if not self._stop_reason:
+            self._stop_reason = reason
+        if self._stop is not None:
+            self._stop.set()
+
+    async def run(self, *, handle_signals: bool = True) -> None:
+        """Start, serve until SIGTERM/SIGINT (if ``handle_signals``) or :meth:`request_stop`,
+        stop. Start-up errors propagate after cleanup."""
+        self._stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        signals = (signal.SIGTERM, signal.SIGINT) if handle_signals else ()
+        for sig in signals:
+            loop.add_signal_handler(sig, self.request_stop, f"{sig.name} received")
+        try:
+            await self.start()
+            await self._stop.wait()
+        finally:
+            await self.stop()
+            for sig in signals:
+                loop.remove_signal_handler(sig)
+
+
+def run_node(config: Config) -> None:
+    """Run a node for ``config`` in this process until SIGTERM/SIGINT. Raises what
+    :meth:`Node.start` raises."""
+    asyncio.run(Node(config).run())
+
+
+def run_offline(config: Config, request: Request) -> Response:
+    """Run one admin request on the store of ``config`` opened in this process (no node runs).
+
+    Raises what opening the store raises (StoreLocked when the data directory is in use); every
+    other failure is in the returned Response.
+    """
+
+    async def go() -> Response:
+        store = open_store(config)
+        try:
+            ctx = AdminContext(
+                store=store,
+                node_name=config.node.name,
+                status=lambda: {"node": config.node.name, "state": "offline"},
+            )
+            response = await execute(ctx, request)
+            with contextlib.suppress(Exception):
+                await store.settle()
+            return response
+        finally:
+            store.close()
+
+    return asyncio.run(go())
