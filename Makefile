@@ -68,9 +68,7 @@ soak: venv apt
 		if [ $$rc -eq 5 ]; then echo "make soak: no soak tests yet"; else exit $$rc; fi; }
 
 run: venv
-	@test -f $(DEMO_DIR)/mailharbor.toml || \
-		$(BIN)/mailharbor init $(DEMO_DIR) --hostname $(DEMO_HOSTNAME)
-	$(BIN)/mailharbor serve --config $(DEMO_DIR)/mailharbor.toml
+	@DEMO_DIR=$(DEMO_DIR) DEMO_HOSTNAME=$(DEMO_HOSTNAME) tools/run-demo.sh
 
 bench: venv
 	@if [ -f bench/store.py ]; then \

@@ -19,6 +19,7 @@ from typing import NoReturn, Protocol, TypeAlias
 from mailharbor import __version__
 from mailharbor.cli import EXIT_FAILURE, EXIT_USAGE, CliError, admin_cmds, init_cmd, serve_cmd
 from mailharbor.config import ConfigError
+from mailharbor.store.ops import StoreError
 
 __all__ = ["COMMAND_MODULES", "build_parser", "main"]
 
@@ -79,6 +80,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"{PROG}: error: {e.message}", file=sys.stderr)
         return e.exit_code
     except ConfigError as e:
+        print(f"{PROG}: error: {e}", file=sys.stderr)
+        return EXIT_FAILURE
+    except StoreError as e:
         print(f"{PROG}: error: {e}", file=sys.stderr)
         return EXIT_FAILURE
     except OSError as e:
