@@ -123,7 +123,7 @@ WIRING_MODULES = _mh("node")
 FSYNC_CALLS = ("fsync", "fdatasync", "replace", "sync")
 FSYNC_OWNERS = _mh("store.fsio")
 #: Temporary exemptions from the fsync rule, each to be removed when its reason goes away.
-FSYNC_TEMPORARY = {}
+FSYNC_TEMPORARY: dict[str, str] = {}
 
 STDLIB = frozenset(sys.stdlib_module_names)
 
