@@ -3,20 +3,22 @@
 See `mailharbor.store.store` for the theory of operation and docs/store.md for the formats.
 """
 
-from mailharbor.store.store import (
+from mailharbor.store.ops import (
     AlreadyExists,
-    BlobWriter,
     Change,
+    Delivery,
+    InvalidArgument,
+    NotFound,
+    StoreError,
+)
+from mailharbor.store.store import (
+    BlobWriter,
     CommitEvent,
     CompactReport,
     CorruptLog,
-    Delivery,
     DurabilityBarrier,
-    InvalidArgument,
-    NotFound,
     RecoveryReport,
     Store,
-    StoreError,
     StoreIOError,
     StoreLocked,
     StoreOptions,

@@ -55,7 +55,6 @@ from mailharbor.store.log import list_segments, scan_segment, segment_path
 from mailharbor.store.ops import (
     DEFAULT_MAILBOXES,
     STRUCTURAL,
-    AlreadyExists,
     Change,
     Delivery,
     Encoder,
@@ -1413,31 +1412,3 @@ class Store:
 def open_store(data_dir: str, node_id: bytes, options: StoreOptions | None = None) -> Store:
     """Convenience for CLI and tests."""
     return Store.open(data_dir, node_id=node_id, options=options)
-
-
-__all__ = [
-    "AlreadyExists",
-    "BlobWriter",
-    "Change",
-    "CommitEvent",
-    "CompactReport",
-    "CorruptLog",
-    "Delivery",
-    "DurabilityBarrier",
-    "InvalidArgument",
-    "NotFound",
-    "RecoveryReport",
-    "Store",
-    "StoreError",
-    "StoreIOError",
-    "StoreLocked",
-    "StoreOptions",
-    "StoreReadOnly",
-    "StoreState",
-    "Transaction",
-    "blob_hash",
-    "check_mailbox_name",
-    "normalize_address",
-    "normalize_domain",
-    "open_store",
-]
