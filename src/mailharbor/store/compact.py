@@ -31,6 +31,11 @@ if TYPE_CHECKING:
     from mailharbor.store.store import CompactReport, Store
 
 
+_RECLAIMED_OVERHEAD = 13
+"""A RECLAIMED body is the original's head plus 13 bytes (type u8, head length u32, data length
+u64): dead data no larger than that stays, so compaction never grows the log."""
+
+
 def compact_store(st: Store) -> CompactReport:
     from mailharbor.store.store import CompactReport, CorruptLog
 
@@ -91,7 +96,8 @@ def compact_store(st: Store) -> CompactReport:
                     new_off += len(rec_bytes)
                     continue
                 data_off = fr.payload_offset + off + head_len
-                if (segno, data_off) in live:
+                # Tiny dead data is kept: its RECLAIMED record would not be smaller.
+                if (segno, data_off) in live or ln <= head_len + _RECLAIMED_OVERHEAD:
                     pending_moves.append((data_off, new_off + fmt.RECORD_HEADER_SIZE + head_len))
                     rec_bytes = fmt.encode_records([fmt.decode_record(typ, body)])
                 else:
@@ -189,7 +195,7 @@ def _relocate(b: ix.BlobTable, segs: set[int], moves: dict[tuple[int, int], int]
         if b.meta_len[s] and b.meta_seg[s] in segs:
             n = moves.get((b.meta_seg[s], b.meta_off[s]))
             if n is None:
-                b.meta_len[s] = 0
+                b.meta_seg[s] = b.meta_off[s] = b.meta_len[s] = 0
             else:
                 b.meta_off[s] = n
     for stream in list(b.pending_chunks):

@@ -772,7 +772,7 @@ _DECODERS: dict[int, type[Record]] = {
 DATA_HEAD_LEN = {
     RecordType.BLOB: HASH_LEN + 12,
     RecordType.CHUNK: GUID_LEN + 4,
-    RecordType.MIME_META: HASH_LEN + 1,
+    RecordType.MIME_META: HASH_LEN,  # the data located by the index: version + data
 }
 
 _REC_HDR = struct.Struct("<BI")

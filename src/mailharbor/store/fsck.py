@@ -162,6 +162,7 @@ def _scan(fs: FileSystem, data_dir: str) -> tuple[FsckReport, ix.Index]:
     segnos = list_segments(fs, logdir) if fs.exists(logdir) else []
     report.segments = len(segnos)
     expected = 0
+    prev_size = cur_size = 0
     for n, s in enumerate(segnos):
         path = segment_path(logdir, s)
         f = fs.open_read(path)
@@ -171,6 +172,7 @@ def _scan(fs: FileSystem, data_dir: str) -> tuple[FsckReport, ix.Index]:
         finally:
             f.close()
         report.log_bytes += size
+        prev_size, cur_size = cur_size, size  # sizes of segments s-1 and s
         try:
             hdr = fmt.SegmentHeader.decode(head)
         except fmt.FormatError as e:
@@ -184,8 +186,13 @@ def _scan(fs: FileSystem, data_dir: str) -> tuple[FsckReport, ix.Index]:
         elif hdr.first_lsn != expected:
             # The previous segment lost its end: LSNs expected..first_lsn-1 are gone.
             if hdr.first_lsn > expected:
+                # The previous segment lost its end (or its header): LSNs expected..first_lsn-1.
                 prev = report.damage[-1] if report.damage else None
-                if prev is not None and prev.segno == s - 1 and prev.torn_tail:
+                if (
+                    prev is not None
+                    and prev.segno == s - 1
+                    and (prev.torn_tail or prev.offset == 0)
+                ):
                     report.damage[-1] = Damage(
                         prev.segno,
                         prev.offset,
@@ -199,8 +206,8 @@ def _scan(fs: FileSystem, data_dir: str) -> tuple[FsckReport, ix.Index]:
                     report.damage.append(
                         Damage(
                             s - 1,
-                            0,
-                            0,
+                            prev_size,
+                            prev_size,
                             expected,
                             hdr.first_lsn - expected,
                             "LSNs missing between segments",
@@ -414,6 +421,14 @@ def _repair(fs: FileSystem, data_dir: str, report: FsckReport) -> None:
             hdr = fmt.SegmentHeader.decode(data)
         except fmt.FormatError:
             hdr = None
+        if hdr is None and damages[0].torn_tail and segno == last and damages[0].lost_lsns == 0:
+            fs.unlink(path)
+            fs.sync_dir(logdir)
+            report.repaired.append(
+                f"segment {segno}: unreadable last segment removed "
+                "(an interrupted segment creation)"
+            )
+            continue
         if len(damages) == 1 and damages[0].torn_tail and segno == last and hdr is not None:
             d = damages[0]
             fs.truncate(path, d.offset)

@@ -592,12 +592,12 @@ class Index:
         for col in (b.seg, b.off, b.length, b.size, b.refs, b.meta_seg, b.meta_off, b.meta_len):
             w.arr(col)
         w.u32(len(b.chunks))
-        for s, locs in b.chunks.items():
+        for s, locs in sorted(b.chunks.items()):
             w.u32(s).locs(locs)
         w.u32(len(b.pending_chunks))
-        for h, parts in b.pending_chunks.items():
+        for h, parts in sorted(b.pending_chunks.items()):
             w.raw(h).u32(len(parts))
-            for i, loc in parts.items():
+            for i, loc in sorted(parts.items()):
                 w.u32(i).locs([loc])
         w.u32(len(self.accounts))
         for a in self.accounts.values():
@@ -658,7 +658,7 @@ class Index:
             s = r.u32()
             b.chunks[s] = r.locs()
         for _ in range(r.u32()):
-            h = r.raw(32)
+            h = r.raw(16)  # a stream id
             parts: dict[int, Location] = {}
             for _ in range(r.u32()):
                 i = r.u32()

@@ -151,7 +151,7 @@ def _scan(
                     if fmt.crc32c(payload) != hdr.payload_crc:
                         reason = "frame payload checksum mismatch"
             if reason:
-                nxt = _find_next_valid(f, size, off + 1, lsn)
+                nxt = find_next_valid(f, size, off + 1, lsn)
                 stops.append(
                     ScanStop(
                         segno,
@@ -172,9 +172,7 @@ def _scan(
         f.close()
 
 
-def _find_next_valid(
-    f: ReadableFile, size: int, start: int, min_lsn: int
-) -> tuple[int, int] | None:
+def find_next_valid(f: ReadableFile, size: int, start: int, min_lsn: int) -> tuple[int, int] | None:
     """The (offset, lsn) of the next frame after `start` whose header and payload verify and whose
     LSN is >= min_lsn, or None."""
     off = start

@@ -270,6 +270,7 @@ class Encoder:
         self._new_mailboxes: dict[bytes, ix.Mailbox] = {}
         self._deleted_mailboxes: set[bytes] = set()
         self._domains: dict[str, bool] = {}
+        self._aliases: dict[str, bool] = {}  # source -> exists after the earlier operations
         self._uidvalidity: dict[bytes, int] = {}
 
     # -- lookups through the overlay -----------------------------------------------------------
@@ -303,6 +304,9 @@ class Encoder:
         if mb is None:
             raise NotFound("mailbox does not exist")
         return mb
+
+    def _alias_exists(self, source: str) -> bool:
+        return self._aliases.get(source, source in self.index.aliases)
 
     def _domain_exists(self, d: str) -> bool:
         return self._domains.get(d, d in self.index.domains)
@@ -411,12 +415,17 @@ class Encoder:
             dom = src[1:] if src.startswith("@") else src.rpartition("@")[2]
             if not self._domain_exists(dom):
                 raise NotFound(f"{dom} is not a local domain")
-            if self.index.account_by_address(src) is not None or src in self._accounts:
+            acct = self.index.account_by_address(src)
+            if src in self._accounts or (
+                acct is not None and acct.guid not in self._deleted_accounts
+            ):
                 raise AlreadyExists(f"{src} is an account")
+            self._aliases[src] = True
             self.records.append(fmt.AliasSet(src, op.targets))
         elif isinstance(op, OpAliasRemove):
-            if op.source not in self.index.aliases:
+            if not self._alias_exists(op.source):
                 raise NotFound(f"no alias {op.source}")
+            self._aliases[op.source] = False
             self.records.append(fmt.AliasRemove(op.source))
         elif isinstance(op, OpQueueAdd):
             self._use_blob(op.blob)
@@ -471,9 +480,15 @@ class Encoder:
     def _remove_domain(self, d: str) -> None:
         if not self._domain_exists(d):
             raise NotFound(f"no domain {d}")
-        users = [a for a in self.index.by_address if a.endswith("@" + d)]
-        users += [a for a in self._accounts if a.endswith("@" + d)]
-        aliases = [s for s in self.index.aliases if s.endswith("@" + d) or s == "@" + d]
+        suffix = "@" + d
+        users = [
+            a
+            for a, g in self.index.by_address.items()
+            if a.endswith(suffix) and g not in self._deleted_accounts
+        ]
+        users += [a for a in self._accounts if a.endswith(suffix)]
+        sources = set(self.index.aliases) | set(self._aliases)
+        aliases = [a for a in sources if a.endswith(suffix) and self._alias_exists(a)]
         if users or aliases:
             raise InvalidArgument(
                 f"domain {d} still has {len(users)} account(s) and "
@@ -491,7 +506,7 @@ class Encoder:
             existing is not None and existing.guid not in self._deleted_accounts
         ):
             raise AlreadyExists(f"account {addr} already exists")
-        if addr in self.index.aliases:
+        if self._alias_exists(addr):
             raise AlreadyExists(f"{addr} is an alias")
         self._accounts[addr] = op.guid
         self.records.append(fmt.AccountPut(op.guid, addr, op.password_hash, op.quota_bytes, 0))

@@ -51,7 +51,7 @@ from typing import Protocol
 from mailharbor.store import format as fmt
 from mailharbor.store import index as ix
 from mailharbor.store.fsio import FileSystem, OsFileSystem, ReadableFile, WritableFile
-from mailharbor.store.log import list_segments, scan_segment, segment_path
+from mailharbor.store.log import find_next_valid, list_segments, scan_segment, segment_path
 from mailharbor.store.ops import (
     DEFAULT_MAILBOXES,
     STRUCTURAL,
@@ -334,6 +334,7 @@ class Transaction:
         self._ops: list[Op] = []
         self._blobs: dict[bytes, NewBlob] = {}
         self._meta: list[fmt.MimeMeta] = []
+        self._writers: list[bytes] = []
         self.committed_lsn = 0
         self._finished = False
 
@@ -353,6 +354,7 @@ class Transaction:
     def blob_writer(self) -> BlobWriter:
         w = BlobWriter(self)
         self._store._open_streams.add(w._stream)
+        self._writers.append(w._stream)
         return w
 
     def put_mime_meta(self, blob: bytes, version: int, data: bytes) -> None:
@@ -505,19 +507,32 @@ class Transaction:
         if self._finished:
             raise InvalidArgument("transaction already finished")
         self._finished = True
-        return self._store._commit_sync(self)
+        try:
+            return self._store._commit_sync(self)
+        finally:
+            self._release_streams()
 
     async def commit_async(self) -> int:
         """Commit with group commit: returns the LSN once durable (barrier passed) and visible."""
         if self._finished:
             raise InvalidArgument("transaction already finished")
         self._finished = True
-        return await self._store._commit_async(self)
+        try:
+            return await self._store._commit_async(self)
+        finally:
+            self._release_streams()
+
+    def _release_streams(self) -> None:
+        """Committed or refused, this transaction streams no more: its chunks are either
+        committed or orphans that compaction may reclaim."""
+        for b in self._blobs.values():
+            self._store._open_streams.discard(b.stream)
+        for w in self._writers:
+            self._store._open_streams.discard(w)
 
     def abort(self) -> None:
         self._finished = True
-        for b in self._blobs.values():
-            self._store._open_streams.discard(b.stream)
+        self._release_streams()
 
     def __enter__(self) -> Transaction:
         return self
@@ -685,8 +700,26 @@ class Store:
         return st
 
     def _lock(self) -> None:
-        self.fs.makedirs(self.data_dir)
+        self._makedirs_durable(self.data_dir)
         self._lock_fd = lock_data_dir(self.data_dir)
+
+    def _makedirs_durable(self, path: str) -> None:
+        """Create `path` (and missing parents) so that it survives a power cut: a new
+        directory's entry is durable only after an fsync of its parent."""
+        path = os.path.abspath(path)
+        missing = []
+        p = path
+        while not self.fs.exists(p):
+            missing.append(p)
+            parent = os.path.dirname(p)
+            if parent == p:
+                break
+            p = parent
+        if not missing:
+            return
+        self.fs.makedirs(path)
+        for d in reversed(missing):
+            self.fs.sync_dir(os.path.dirname(d))
 
     def _unlock(self) -> None:
         if self._lock_fd >= 0:
@@ -727,19 +760,27 @@ class Store:
 
     def _recover(self) -> None:
         t0 = time.monotonic()
-        self.fs.makedirs(self._logdir)
-        self.fs.makedirs(self._ckptdir)
+        self._makedirs_durable(self._logdir)
+        self._makedirs_durable(self._ckptdir)
+        for name in self.fs.listdir(self._ckptdir):
+            if not name.endswith(".ckpt"):  # a temporary file of an interrupted checkpoint
+                self.fs.unlink(os.path.join(self._ckptdir, name))
         segnos = list_segments(self.fs, self._logdir)
         torn: TornTail | None = None
-        # A last segment whose header never became whole is an interrupted roll: remove it.
+        # A last segment whose header never became durable is an interrupted roll (a segment
+        # gets frames only after its header and directory entry are fsynced): remove it —
+        # unless valid frames follow, which is damage, not a crash.
         while segnos:
             last = segnos[-1]
             try:
                 self._segments[last] = self._read_seg_header(last)
                 break
             except fmt.FormatError:
-                if len(segnos) == 1 and self._segment_size(last) > fmt.SEGMENT_HEADER_SIZE:
-                    raise CorruptLog(f"segment {last}: unreadable header") from None
+                if self._has_valid_frame(last):
+                    raise CorruptLog(
+                        f"segment {last}: unreadable header with valid frames after it — "
+                        "run `mailharbor store fsck`"
+                    ) from None
                 torn = TornTail(last, 0, self._segment_size(last), "incomplete segment header")
                 self.fs.unlink(segment_path(self._logdir, last))
                 self.fs.sync_dir(self._logdir)
@@ -826,15 +867,30 @@ class Store:
             raise fmt.FormatError(f"segment file {segno} says it is segment {h.segno}")
         return h
 
+    def _has_valid_frame(self, segno: int) -> bool:
+        f = self.fs.open_read(segment_path(self._logdir, segno))
+        try:
+            return find_next_valid(f, f.size(), 1, 0) is not None
+        finally:
+            f.close()
+
     def _new_segment(self, segno: int, first_lsn: int) -> None:
+        """Create the next segment. Its header is fsynced and its directory entry made
+        durable before any frame goes into it, and (at a roll) the previous segment is fsynced
+        first: so an unsynced tail never spans two segments, and after a power cut only the
+        last segment can be torn."""
         hdr = fmt.SegmentHeader(segno, first_lsn, self.node_id, now_ms())
         f = self.fs.open_append(segment_path(self._logdir, segno))
-        f.write(hdr.encode())
+        try:
+            f.write(hdr.encode())
+            f.sync()
+            self.fs.sync_dir(self._logdir)
+        except BaseException:
+            f.close()
+            raise
         self._segments[segno] = hdr
         self._active = f
         self._active_segno = segno
-        self._unsynced.append(f)
-        self._dir_dirty = True
 
     # -- checkpoints ---------------------------------------------------------------------------
 
@@ -887,7 +943,10 @@ class Store:
         )
         data = _CKPT_HEAD.pack(fmt.CHECKPOINT_MAGIC, fmt.FORMAT_VERSION, fmt.crc32c(rest)) + rest
         name = f"checkpoint-{self.index.last_lsn:020d}.ckpt"
-        self.fs.write_atomic(os.path.join(self._ckptdir, name), data)
+        try:
+            self.fs.write_atomic(os.path.join(self._ckptdir, name), data)
+        except OSError as e:  # the log is intact: the store stays open, the caller is told
+            raise StoreIOError(f"checkpoint failed: {e.strerror or e}") from None
         olds = sorted(
             (n for n in self.fs.listdir(self._ckptdir) if n.endswith(".ckpt") and n != name),
             reverse=True,
@@ -982,15 +1041,22 @@ class Store:
 
     def _roll(self) -> None:
         old = self._active
-        if old is not None and old not in self._unsynced:
-            # Already synced (or being synced right now): one more fsync is cheap, and the
-            # next flush closes the sealed segment's write handle after it.
-            self._unsynced.append(old)
+        try:
+            if old is not None:
+                old.sync()  # seal: the previous segment is whole on disk before the next exists
+                if old not in self._unsynced and old not in self._inflight:
+                    old.close()
+                # else: a flush still lists it; it closes the handle after its fsync
+        except OSError as e:
+            self._fail(e)
+            raise StoreIOError(f"fsync of the log failed: {e.strerror or e}") from None
         try:
             self._new_segment(self._active_segno + 1, self._next_lsn)
         except OSError as e:
             self._fail(e)
-            raise StoreIOError(f"cannot create a log segment: {e.strerror or e}") from None
+            raise StoreIOError(
+                f"cannot create a log segment (write or fsync failed): {e.strerror or e}"
+            ) from None
 
     def _fail(self, exc: BaseException) -> None:
         """Enter ERROR: fail everything pending; never retry an fsync."""
@@ -1061,8 +1127,8 @@ class Store:
             if self._bytes_since_ckpt >= self.options.checkpoint_every_bytes:
                 try:
                     self.checkpoint()
-                except OSError as e:
-                    log.error("checkpoint failed (the log is intact): %s", e)
+                except StoreIOError as e:
+                    log.error("%s (the log is intact)", e)
 
     def _wake_settled(self) -> None:
         ws, self._settle_waiters = self._settle_waiters, []
@@ -1104,9 +1170,17 @@ class Store:
             await fut
         self._check_writable()
 
+    def _check_sync_allowed(self) -> None:
+        if self.barrier is not None:
+            raise StoreError(
+                "synchronous commits are not allowed while a durability barrier "
+                "(replication) is set; use the async API"
+            )
+
     def _commit_sync(self, txn: Transaction) -> int:
         self._check_thread()
         self._check_writable()
+        self._check_sync_allowed()
         if self._pending and (self._exclusive_lsn or txn.exclusive):
             self._flush_sync()
         lsn = self._write_txn(txn)
@@ -1164,7 +1238,7 @@ class Store:
                 self._fail(e)
             except StoreError:
                 pass  # _apply_upto already failed the store
-            except Exception as e:  # a barrier failure: not acknowledged, store stays usable
+            except Exception as e:  # a barrier failure: nothing in the batch is acknowledged
                 log.error("durability barrier failed: %s", e)
                 self._fail(e)
 
@@ -1288,13 +1362,14 @@ class Store:
 
     def read_mime_meta(self, h: bytes) -> tuple[int, bytes] | None:
         """(version, data) of the blob's stored MIME metadata, or None."""
-        key = b"m" + h
+        b = self.index.blobs
+        s = b.slot(h)
+        if s is None or b.meta_len[s] == 0 or not b.has_data(s):
+            return None
+        # Keyed by location too: a newer record for the same body has another location.
+        key = b"m" + h + struct.pack("<IQ", b.meta_seg[s], b.meta_off[s])
         c = self._cache.get(key)
         if c is None:
-            b = self.index.blobs
-            s = b.slot(h)
-            if s is None or b.meta_len[s] == 0:
-                return None
             c = self._read_locs([ix.Location(b.meta_seg[s], b.meta_off[s], b.meta_len[s])])
             self._cache.put(key, c)
         return c[0], c[1:]
@@ -1327,34 +1402,41 @@ class Store:
         """Append a peer's frames byte for byte (each verified, LSNs consecutive), fsync, apply.
         Returns the last LSN."""
         self._check_thread()
-        for raw in frames:
-            self._ingest_one(raw)
+        self._check_sync_allowed()
+        self._ingest_all(frames)
         self._flush_sync()
         return self.index.last_lsn
 
     async def ingest(self, frames: Sequence[bytes]) -> int:
         """Async `ingest_blocking`, sharing group commit."""
         self._check_thread()
-        for raw in frames:
-            self._ingest_one(raw)
+        self._ingest_all(frames)
         await self.settle()
         return self.index.last_lsn
 
-    def _ingest_one(self, raw: bytes) -> None:
+    def _ingest_all(self, frames: Sequence[bytes]) -> None:
+        """Verify every frame first (CRCs, consecutive LSNs), then append them all: a bad
+        frame refuses the whole batch, and nothing of it is appended."""
         self._check_writable()
-        hdr = fmt.decode_frame_header(raw)
-        payload = raw[fmt.FRAME_HEADER_SIZE :]
-        if len(payload) != hdr.payload_len or fmt.crc32c(payload) != hdr.payload_crc:
-            raise fmt.FormatError("ingested frame payload is corrupt")
-        if hdr.lsn != self._next_lsn:
-            raise InvalidArgument(f"ingested frame LSN {hdr.lsn}, expected {self._next_lsn}")
-        blobs = tuple(
-            bytes(payload[o : o + 32])
-            for t, o, _ in fmt.iter_record_spans(payload)
-            if t == fmt.RecordType.BLOB
-        )
-        self._append_raw(bytes(raw), hdr, bytes(payload), blobs)
-        self.generation = max(self.generation, hdr.generation)
+        checked = []
+        lsn = self._next_lsn
+        for raw in frames:
+            hdr = fmt.decode_frame_header(raw)
+            payload = bytes(raw[fmt.FRAME_HEADER_SIZE :])
+            if len(payload) != hdr.payload_len or fmt.crc32c(payload) != hdr.payload_crc:
+                raise fmt.FormatError(f"ingested frame LSN {hdr.lsn}: payload is corrupt")
+            if hdr.lsn != lsn:
+                raise InvalidArgument(f"ingested frame LSN {hdr.lsn}, expected {lsn}")
+            blobs = tuple(
+                payload[o : o + 32]
+                for t, o, _ in fmt.iter_record_spans(payload)
+                if t == fmt.RecordType.BLOB
+            )
+            checked.append((bytes(raw), hdr, payload, blobs))
+            lsn += 1
+        for raw, hdr, payload, blobs in checked:
+            self._append_raw(raw, hdr, payload, blobs)
+            self.generation = max(self.generation, hdr.generation)
 
     # -- maintenance ---------------------------------------------------------------------------
 
