@@ -1,0 +1,1 @@
+"""asyncio adapters: listeners, TLS, timeouts (no protocol logic lives here; see DESIGN.md)."""
