@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # `make run`: a demo node on loopback. Creates run/demo once (config, data, certificate, a demo
 # domain and account with a generated password), prints what a user needs, then serves in the
-# foreground until Ctrl-C. Today that is one node with its store and admin socket; the mail
-# listeners, the peer and the witness join as their issues land.
+# foreground until Ctrl-C. Today that is one node with its store, its SMTP listeners on
+# loopback and its admin socket; IMAP/POP3, the peer and the witness join as their issues land.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 BIN=.venv/bin
@@ -13,8 +13,15 @@ DOMAIN=example.test
 USER=demo@$DOMAIN
 PWFILE=$DIR/demo-password
 
+MX_PORT=${DEMO_MX_PORT:-2525}
+SUB_PORT=${DEMO_SUBMISSION_PORT:-2587}
+SUBS_PORT=${DEMO_SUBMISSIONS_PORT:-2465}
 if [ ! -f "$CFG" ]; then
     "$BIN/mailharbor" init "$DIR" --hostname "$HOST"
+    # The demo listens on loopback only, on unprivileged ports.
+    sed -i -e "s|^# mx = \[\]|mx = [\"127.0.0.1:$MX_PORT\"]|" \
+        -e "s|^# submission = \[\]|submission = [\"127.0.0.1:$SUB_PORT\"]|" \
+        -e "s|^# submissions = \[\]|submissions = [\"127.0.0.1:$SUBS_PORT\"]|" "$CFG"
 fi
 if [ ! -f "$PWFILE" ]; then
     "$BIN/mailharbor" domain list --config "$CFG" | grep -qx "$DOMAIN" \
@@ -30,9 +37,13 @@ cat <<INFO
   config:        $CFG
   demo account:  $USER
   password:      $(cat "$PWFILE")   (also in $PWFILE)
+  SMTP (MX):     $(sed -n 's/^mx = //p' "$CFG")
+  submission:    $(sed -n 's/^submission = //p' "$CFG") (STARTTLS, then AUTH PLAIN/LOGIN)
+  submissions:   $(sed -n 's/^submissions = //p' "$CFG") (implicit TLS)
+  e.g.           swaks --server 127.0.0.1:$MX_PORT --to $USER
   try:           $BIN/mailharbor status --config $CFG
                  $BIN/mailharbor account list --config $CFG
-  (SMTP/IMAP/POP3 listeners, the peer node and the witness arrive with their issues)
+  (IMAP/POP3, the peer node and the witness arrive with their issues)
   Ctrl-C stops the node.
 
 INFO

@@ -46,6 +46,7 @@ import uuid
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from types import MappingProxyType
 from typing import Any, Generic, TypeVar
 
 __all__ = [
@@ -57,6 +58,8 @@ __all__ = [
     "Kind",
     "LogConfig",
     "NodeConfig",
+    "QueueConfig",
+    "SmtpConfig",
     "StoreConfig",
     "TlsConfig",
     "default_config_text",
@@ -184,7 +187,8 @@ def _toml_value(value: object) -> str:
     if isinstance(value, list | tuple):
         return "[" + ", ".join(_toml_value(v) for v in value) + "]"
     if isinstance(value, dict):
-        return "a table"
+        items = ", ".join(f"{_toml_string(str(k))} = {_toml_value(v)}" for k, v in value.items())
+        return "{" + (f" {items} " if items else "") + "}"
     return str(value)
 
 
@@ -687,6 +691,239 @@ class LogConfig:
     )
 
 
+_HOSTPORT_RE = (
+    r"(?:\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9](?:[A-Za-z0-9.-]{0,251}[A-Za-z0-9])?)(?::\d{1,5})?"
+)
+HOSTPORT = Pattern(_HOSTPORT_RE, 'a "host:port" (or "host", or "[ipv6]:port")', max_length=261)
+_EMPTY_OR_HOSTPORT = Pattern(
+    f"(?:{_HOSTPORT_RE})?", 'a "host:port", or "" for none', max_length=261
+)
+
+
+class HostPortTable(Kind[Mapping[str, str]]):
+    """A TOML table of mail domain → ``"host:port"``; loads as a read-only mapping with
+    lower-cased domains."""
+
+    def parse(self, raw: object, ctx: _Context) -> Mapping[str, str]:
+        if not isinstance(raw, dict):
+            raise self.bad('a table like { "example.com" = "relay.example.net:25" }', raw)
+        out: dict[str, str] = {}
+        for k, v in raw.items():
+            try:
+                dom = HOSTNAME.parse(k, ctx).lower()
+                out[dom] = HOSTPORT.parse(v, ctx)
+            except _Invalid as e:
+                raise _Invalid(f"entry {k!r}: {e}") from None
+        return MappingProxyType(out)
+
+
+@dataclass(frozen=True, kw_only=True)
+class QueueConfig:
+    """``[queue]``: the outbound queue runner (see ``mailharbor.service.queue``).
+
+    Retry schedule as Postfix's: first retry after ``minimal_backoff``, doubling up to
+    ``maximal_backoff``; after ``maximal_lifetime`` in the queue a message is returned (bounce).
+    """
+
+    relayhost: str = setting(
+        _EMPTY_OR_HOSTPORT,
+        'Send all outbound mail through this smarthost ("host:port") instead of looking up '
+        'MX records; "" (the default) delivers directly to each domain\'s MX hosts.',
+        "",
+    )
+    relay_user: str = setting(
+        Pattern(r"[^\x00-\x1f]*", "a user name", max_length=255),
+        'User name for SMTP AUTH at the relayhost and transport-map hosts; "" for no AUTH.',
+        "",
+    )
+    relay_password: str = setting(
+        Pattern(r"[^\x00-\x1f]*", "a password", max_length=255),
+        "Password for SMTP AUTH (used only together with relay_user, and only after STARTTLS).",
+        "",
+    )
+    transport: Mapping[str, str] = setting(
+        HostPortTable(),
+        'Per-domain routes that bypass MX lookup, e.g. { "example.com" = "10.0.0.5:25" }. '
+        "They take precedence over relayhost.",
+        {},
+    )
+    resolver: str = setting(
+        _EMPTY_OR_HOSTPORT,
+        'DNS server for MX/A/AAAA lookups ("ip:port"); "" uses the system resolver '
+        "(/etc/resolv.conf).",
+        "",
+    )
+    dns_timeout: float = setting(
+        Duration(minimum=0.1, maximum=120), "Time limit for one DNS lookup.", "10s"
+    )
+    mx_port: int = setting(
+        Int(minimum=1, maximum=65535),
+        "TCP port used for MX hosts (and the implicit MX). Only tests change it.",
+        25,
+    )
+    starttls: str = setting(
+        Choice(("may", "require", "none")),
+        'STARTTLS when sending: "may" uses it when offered (opportunistic, certificates not '
+        'verified, as Postfix\'s "may"), "require" defers mail to servers without it, '
+        '"none" never uses it.',
+        "may",
+    )
+    max_concurrent: int = setting(
+        Int(minimum=1, maximum=10000), "Delivery attempts (connections) in flight at once.", 20
+    )
+    max_per_domain: int = setting(
+        Int(minimum=1, maximum=1000),
+        "Delivery attempts in flight at once to one destination domain.",
+        5,
+    )
+    minimal_backoff: float = setting(
+        Duration(minimum=0.001, maximum=86400),
+        "Delay before the first retry of a deferred message; it doubles with every attempt.",
+        "300s",
+    )
+    maximal_backoff: float = setting(
+        Duration(minimum=0.001, maximum=86400 * 7),
+        "Longest delay between two delivery attempts.",
+        "4000s",
+    )
+    maximal_lifetime: float = setting(
+        Duration(minimum=0, maximum=86400 * 365),
+        "How long a message may stay in the queue before it is returned to its sender as "
+        "undeliverable (EXPIRED).",
+        "120h",
+    )
+    connect_timeout: float = setting(
+        Duration(minimum=0.1, maximum=3600), "Time limit for connecting to a server.", "30s"
+    )
+    command_timeout: float = setting(
+        Duration(minimum=0.1, maximum=3600),
+        "Time limit for one SMTP reply (the reply to the final '.' included).",
+        "300s",
+    )
+    stop_grace: float = setting(
+        Duration(minimum=0, maximum=3600),
+        "At stop, how long attempts in flight may finish before they are abandoned (an "
+        "abandoned attempt stays queued and is retried: delivery is at-least-once).",
+        "10s",
+    )
+
+    def check(self) -> None:
+        """The backoff bounds must be ordered."""
+        if self.maximal_backoff < self.minimal_backoff:
+            raise ConfigError("queue.maximal_backoff", "must be at least queue.minimal_backoff")
+        if self.relay_password and not self.relay_user:
+            raise ConfigError("queue.relay_password", "is set but queue.relay_user is not")
+
+
+class ListenAddress(Kind[str]):
+    """A listen endpoint: ``"host:port"`` / ``"[ipv6]:port"`` (TCP), or, when ``unix`` is
+    allowed, a path containing ``/`` (a Unix socket; relative to the config file's directory)."""
+
+    def __init__(self, *, unix: bool = False) -> None:
+        self.unix = unix
+
+    def parse(self, raw: object, ctx: _Context) -> str:
+        expected = '"host:port" or "[ipv6]:port"' + (", or a socket path" if self.unix else "")
+        if not isinstance(raw, str) or not raw or "\0" in raw:
+            raise self.bad(expected, raw)
+        if "/" in raw and not raw.startswith("["):
+            if not self.unix:
+                raise self.bad(expected, raw)
+            path = ctx.base_dir / Path(raw).expanduser()
+            if len(os.fsencode(path)) > UNIX_SOCKET_PATH_MAX:
+                raise self.bad(f"a socket path of at most {UNIX_SOCKET_PATH_MAX} bytes", raw)
+            return os.fspath(path)
+        m = re.fullmatch(r"(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9.:-]*[A-Za-z0-9.-]|):(\d{1,5})", raw)
+        if m is None or not 0 < int(m.group(2)) <= 65535:
+            raise self.bad(expected, raw)
+        return raw
+
+
+_NETWORK_RE = r"[0-9A-Fa-f:.]+(?:/\d{1,3})?"
+
+
+@dataclass(frozen=True, kw_only=True)
+class SmtpConfig:
+    """``[smtp]``: the SMTP (MX), submission, implicit-TLS submission and LMTP listeners.
+
+    Every listen list is empty by default (the listener is off) so that a node never grabs a
+    privileged port it was not told to; production configs list e.g. ``["0.0.0.0:25",
+    "[::]:25"]`` for ``mx``, ``:587`` for ``submission``, ``:465`` for ``submissions``.
+    """
+
+    mx: tuple[str, ...] = setting(
+        ListOf(ListenAddress()),
+        "Addresses of the MX listener (port 25: mail from other servers, no AUTH, relaying "
+        'refused), e.g. ["0.0.0.0:25", "[::]:25"]. Empty: off.',
+        [],
+    )
+    submission: tuple[str, ...] = setting(
+        ListOf(ListenAddress()),
+        "Addresses of the submission listener (port 587: STARTTLS required before AUTH, AUTH "
+        "required before MAIL). Empty: off.",
+        [],
+    )
+    submissions: tuple[str, ...] = setting(
+        ListOf(ListenAddress()),
+        "Addresses of the implicit-TLS submission listener (port 465). Empty: off.",
+        [],
+    )
+    lmtp: tuple[str, ...] = setting(
+        ListOf(ListenAddress(unix=True)),
+        'LMTP listeners: a Unix socket path (e.g. "lmtp.sock", relative to this file) or '
+        '"host:port". LMTP has no AUTH and no TLS: bind it only where trusted MTAs reach it.',
+        [],
+    )
+    max_message_size: int = setting(
+        Size(minimum=1024, maximum=2 * GiB),
+        "Largest message accepted (advertised as SIZE); a message is held in memory while it "
+        "is received.",
+        "50MiB",
+    )
+    max_recipients: int = setting(
+        Int(minimum=1, maximum=100000), "Recipients accepted per transaction.", 100
+    )
+    command_timeout: float = setting(
+        Duration(minimum=0.1, maximum=3600),
+        "Time a client has to send its next command line.",
+        "5m",
+    )
+    data_timeout: float = setting(
+        Duration(minimum=0.1, maximum=7200),
+        "Time a client has to send the next block of message data (DATA or BDAT).",
+        "10m",
+    )
+    max_connections: int = setting(
+        Int(minimum=1, maximum=1000000),
+        "Sessions open at once over all SMTP/LMTP listeners; more get 421 4.7.0.",
+        1000,
+    )
+    max_connections_per_client: int = setting(
+        Int(minimum=1, maximum=1000000),
+        "Sessions open at once from one client address (IPv6: per /64); more get 421 4.7.0.",
+        20,
+    )
+    trusted_proxies: tuple[str, ...] = setting(
+        ListOf(Pattern(_NETWORK_RE, "an IP address or network (CIDR)")),
+        "Addresses (or networks) allowed to send a PROXY protocol v2 header; a connection "
+        "from them must start with one, and the client address it names is used for limits "
+        "and Received. Others may not send one.",
+        [],
+    )
+    postmaster: str = setting(
+        Pattern(r"(?:[^@\s]+@[^@\s]+)?", 'an address, or ""', max_length=254),
+        "Where postmaster@<each local domain> goes when no account or alias of that name "
+        'exists; "" sends it to the oldest account.',
+        "",
+    )
+    stop_grace: float = setting(
+        Duration(minimum=0, maximum=3600),
+        "At stop, how long a message being received (DATA/BDAT) may take to finish; idle "
+        "sessions get 421 4.3.2 at once.",
+        "30s",
+    )
+
+
 @dataclass(frozen=True, kw_only=True)
 class Config:
     """A whole, validated configuration.
@@ -702,6 +939,8 @@ class Config:
     tls: TlsConfig = section("The service certificate presented by every listener.")
     auth: AuthConfig = section("Password checks.")
     log: LogConfig = section("Logging.")
+    queue: QueueConfig = section("The outbound queue: routing, retries and limits.")
+    smtp: SmtpConfig = section("The SMTP, submission and LMTP listeners.")
 
     @property
     def base_dir(self) -> Path:

@@ -7,7 +7,11 @@ resource of a node and starts them in order, stopping them in reverse:
 
 1. the store (``Store.open``: takes the data-directory lock, recovers; the recovery report is
    logged, and the store itself warns about a dropped torn tail or an unusable checkpoint);
-2. the admin server on ``admin.socket``.
+2. the admin server on ``admin.socket``;
+3. the SMTP/submission/LMTP listeners of ``[smtp]`` (``mailharbor.server.smtp``; the mail log
+   of ``log.mail_log`` is opened with them); stopped gracefully: 421 to idle sessions,
+   messages in flight finish within ``smtp.stop_grace``;
+4. the outbound queue runner (``mailharbor.service.queue``), stopped first.
 
 (Later: replication role, service address, listeners, queue runner — DESIGN.md's resource
 order.) :meth:`Node.run` starts the node, waits for SIGTERM/SIGINT or :meth:`Node.request_stop`,
@@ -34,6 +38,7 @@ import dataclasses
 import logging
 import os
 import signal
+import ssl
 import time
 from enum import Enum
 
@@ -41,7 +46,13 @@ from mailharbor import __version__
 from mailharbor.admin.protocol import Request, Response
 from mailharbor.admin.server import AdminContext, AdminServer, execute
 from mailharbor.config import Config
+from mailharbor.server.smtp import ListenerKind, SmtpListener, SmtpOptions, SmtpServices
+from mailharbor.service import maillog
+from mailharbor.service.auth import Authenticator
+from mailharbor.service.delivery import LocalDelivery
+from mailharbor.service.queue import QueueRunner
 from mailharbor.store import Store, StoreOptions
+from mailharbor.tls import server_context
 
 __all__ = ["Node", "NodeState", "run_node", "run_offline", "store_options"]
 
@@ -108,6 +119,9 @@ class Node:
         self.state = NodeState.STARTING
         self.store: Store | None = None
         self.admin: AdminServer | None = None
+        self.queue: QueueRunner | None = None
+        self.listeners: list[SmtpListener] = []
+        self.authenticator: Authenticator | None = None
         self._stop: asyncio.Event | None = None
         self._stop_reason = ""
         self._started_monotonic = time.monotonic()
@@ -150,6 +164,12 @@ class Node:
             ctx = AdminContext(store=self.store, node_name=self.name, status=self.status)
             self.admin = AdminServer(self.config.admin.socket, ctx)
             await self.admin.start()
+            await self._start_listeners(self.store)
+            # Last resource: the outbound queue runner (started after fencing, in the cluster).
+            self.queue = QueueRunner(
+                self.store, self.config.queue, hostname=self.config.node.hostname
+            )
+            self.queue.start()
         except BaseException:
             await self._teardown()
             self.state = NodeState.STOPPED
@@ -168,6 +188,13 @@ class Node:
         log.info("node %s stopped", self.name)
 
     async def _teardown(self) -> None:
+        if self.queue is not None:
+            queue, self.queue = self.queue, None
+            try:
+                await queue.stop()
+            except Exception:
+                log.exception("stopping the queue runner failed")
+        await self._stop_listeners()
         if self.admin is not None:
             try:
                 await self.admin.close()
@@ -181,6 +208,70 @@ class Node:
                     await store.settle()
             finally:
                 store.close()
+
+    async def _start_listeners(self, store: Store) -> None:
+        """Build the delivery service and start one listener per ``[smtp]`` endpoint."""
+        cfg = self.config.smtp
+        endpoints = [
+            (kind, ep)
+            for kind, eps in (
+                (ListenerKind.MX, cfg.mx),
+                (ListenerKind.SUBMISSION, cfg.submission),
+                (ListenerKind.SUBMISSIONS, cfg.submissions),
+                (ListenerKind.LMTP, cfg.lmtp),
+            )
+            for ep in eps
+        ]
+        if not endpoints:
+            return
+        maillog.configure(self.config.log.mail_log)
+        tls = None
+        try:
+            tls = server_context(self.config.tls.cert, self.config.tls.key)
+        except (OSError, ssl.SSLError) as e:
+            log.warning("TLS certificate unusable, STARTTLS not offered: %s", e)
+
+        def lookup(account: str) -> str | None:
+            acct = store.index.account_by_address(account)
+            return acct.password_hash if acct is not None else None
+
+        self.authenticator = Authenticator(
+            lookup,
+            max_concurrent_checks=self.config.auth.max_concurrent_checks,
+            cache_seconds=self.config.auth.cache_seconds,
+        )
+        hostname = self.config.node.hostname
+        services = SmtpServices(
+            delivery=LocalDelivery(store, hostname, postmaster=cfg.postmaster),
+            authenticator=self.authenticator,
+            options=SmtpOptions(
+                hostname=hostname,
+                max_message_size=cfg.max_message_size,
+                max_recipients=cfg.max_recipients,
+                command_timeout=cfg.command_timeout,
+                data_timeout=cfg.data_timeout,
+                max_connections=cfg.max_connections,
+                max_connections_per_client=cfg.max_connections_per_client,
+                trusted_proxies=cfg.trusted_proxies,
+                stop_grace=cfg.stop_grace,
+            ),
+            tls=tls,
+        )
+        for kind, ep in endpoints:
+            listener = SmtpListener(kind, ep, services)
+            await listener.start()
+            self.listeners.append(listener)
+
+    async def _stop_listeners(self) -> None:
+        listeners, self.listeners = self.listeners, []
+        results = await asyncio.gather(*(x.stop() for x in listeners), return_exceptions=True)
+        for x, r in zip(listeners, results, strict=True):
+            if isinstance(r, BaseException):
+                log.error("stopping %r failed: %s", x, r)
+        if self.authenticator is not None:
+            self.authenticator.close()
+            self.authenticator = None
+        maillog.close()
 
     def request_stop(self, reason: str = "stop requested") -> None:
         """Ask :meth:`run` to stop the node (safe to call from a signal handler)."""

@@ -135,6 +135,7 @@ _QUOTA = Arg(
 )
 _DOMAIN = Arg("name", ArgType.STR, "domain name")
 _SOURCE = Arg("source", ArgType.STR, "alias address, or @domain for a catch-all")
+_QUEUE_ID = Arg("id", ArgType.STR, "queue entry id (hex, a unique prefix is enough)")
 
 
 def _table(*commands: Command) -> Mapping[str, Command]:
@@ -170,6 +171,11 @@ COMMANDS: Mapping[str, Command] = _table(
     Command("alias.remove", "remove an alias", (_SOURCE,), changes=True),
     Command("store.stats", "store figures"),
     Command("store.compact", "reclaim the space of unreferenced bodies", changes=True, slow=True),
+    Command("queue.list", "list the outbound queue"),
+    Command("queue.show", "show one queue entry", (_QUEUE_ID,)),
+    Command("queue.retry", "make a queue entry due now", (_QUEUE_ID,), changes=True),
+    Command("queue.delete", "remove a queue entry without a bounce", (_QUEUE_ID,), changes=True),
+    Command("queue.flush", "make every queue entry due now", changes=True),
 )
 
 

@@ -52,6 +52,7 @@ from mailharbor.admin.protocol import (
     encode_response,
     one_line,
 )
+from mailharbor.service import queue as queue_service
 from mailharbor.service.auth import hash_password
 from mailharbor.store import (
     AlreadyExists,
@@ -266,6 +267,35 @@ async def _store_compact(ctx: AdminContext, args: Mapping[str, object]) -> objec
     return dataclasses.asdict(report)
 
 
+async def _queue_list(ctx: AdminContext, args: Mapping[str, object]) -> object:
+    entries = sorted(ctx.store.index.queue.values(), key=lambda q: (q.created_ms, q.guid))
+    return [queue_service.entry_view(q, ctx.store) for q in entries]
+
+
+async def _queue_show(ctx: AdminContext, args: Mapping[str, object]) -> object:
+    return queue_service.entry_view(
+        queue_service.find_entry(ctx.store, _str(args, "id")), ctx.store
+    )
+
+
+async def _queue_retry(ctx: AdminContext, args: Mapping[str, object]) -> object:
+    q = queue_service.find_entry(ctx.store, _str(args, "id"))
+    n = await queue_service.retry_entries(ctx.store, [q], queue_service.SystemClock().now_ms())
+    return {"id": q.guid.hex(), "rescheduled": n}
+
+
+async def _queue_delete(ctx: AdminContext, args: Mapping[str, object]) -> object:
+    q = queue_service.find_entry(ctx.store, _str(args, "id"))
+    n = await queue_service.delete_entry(ctx.store, q)
+    return {"id": q.guid.hex(), "recipients": n}
+
+
+async def _queue_flush(ctx: AdminContext, args: Mapping[str, object]) -> object:
+    entries = list(ctx.store.index.queue.values())
+    n = await queue_service.retry_entries(ctx.store, entries, queue_service.SystemClock().now_ms())
+    return {"rescheduled": n, "entries": len(entries)}
+
+
 #: The handler of every command in ``COMMANDS`` (same keys; checked at import).
 HANDLERS: Mapping[str, Handler] = {
     "status": _status,
@@ -282,6 +312,11 @@ HANDLERS: Mapping[str, Handler] = {
     "alias.remove": _alias_remove,
     "store.stats": _store_stats,
     "store.compact": _store_compact,
+    "queue.list": _queue_list,
+    "queue.show": _queue_show,
+    "queue.retry": _queue_retry,
+    "queue.delete": _queue_delete,
+    "queue.flush": _queue_flush,
 }
 if set(HANDLERS) != set(COMMANDS):  # pragma: no cover - a programming error
     raise RuntimeError(f"admin handlers and commands differ: {set(HANDLERS) ^ set(COMMANDS)}")

@@ -17,7 +17,15 @@ from collections.abc import Sequence
 from typing import NoReturn, Protocol, TypeAlias
 
 from mailharbor import __version__
-from mailharbor.cli import EXIT_FAILURE, EXIT_USAGE, CliError, admin_cmds, init_cmd, serve_cmd
+from mailharbor.cli import (
+    EXIT_FAILURE,
+    EXIT_USAGE,
+    CliError,
+    admin_cmds,
+    init_cmd,
+    queue_cmds,
+    serve_cmd,
+)
 from mailharbor.config import ConfigError
 from mailharbor.store.ops import StoreError
 
@@ -44,7 +52,7 @@ class CommandModule(Protocol):
 
 
 #: Subcommand modules, in the order ``--help`` lists them.
-COMMAND_MODULES: tuple[CommandModule, ...] = (init_cmd, serve_cmd, admin_cmds)
+COMMAND_MODULES: tuple[CommandModule, ...] = (init_cmd, serve_cmd, admin_cmds, queue_cmds)
 
 
 def build_parser() -> ArgumentParser:
