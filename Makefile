@@ -61,7 +61,7 @@ lint: venv
 
 test: venv apt
 	@tools/cleanup.sh
-	$(BIN)/pytest -p no:cacheprovider -m 'not soak' \
+	MH_FAULT_STRICT=1 $(BIN)/pytest -p no:cacheprovider -m 'not soak' \
 		--timeout=$(TEST_TIMEOUT) --session-timeout=$(TEST_SESSION_TIMEOUT) $(PYTEST_ARGS)
 
 soak: venv apt
