@@ -51,9 +51,12 @@ def close() -> None:
     log.propagate = True
 
 
+_UNSAFE = re.compile(r"[\x00-\x20\x7f]")
+
+
 def _safe(value: str) -> str:
-    out = "".join("?" if ord(c) < 33 or ord(c) == 127 else c for c in value)
-    return out[:512]
+    """One log field: spaces and control characters become '?' (keeps key=value greppable)."""
+    return _UNSAFE.sub("?", value[:512])
 
 
 def message_id_of(message: bytes) -> str:

@@ -45,6 +45,8 @@ def _clean(text: str) -> str:
     CR, LF and other control characters become spaces, so application text can never inject a
     second reply; non-ASCII becomes ``?``.
     """
+    if text.isascii() and text.isprintable():
+        return text[:_MAX_REPLY_LINE]  # the common case, without a pass per character
     out = "".join(ch if 32 <= ord(ch) < 127 else ("?" if ord(ch) >= 127 else " ") for ch in text)
     return out[:_MAX_REPLY_LINE]
 

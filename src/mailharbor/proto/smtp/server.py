@@ -248,6 +248,11 @@ def _syntax(usage: str) -> SmtpProtocolError:
     return SmtpProtocolError(Reply(501, "5.5.4", f"Syntax: {usage}"))
 
 
+def _has_control(text: str) -> bool:
+    """A C0 control character other than TAB, or DEL (non-ASCII letters are fine)."""
+    return any((ord(ch) < 32 and ch != "\t") or ord(ch) == 127 for ch in text)
+
+
 class SmtpServerConnection:
     """One server-side SMTP or LMTP session. See the module docstring for the invariants.
 
@@ -497,7 +502,7 @@ class SmtpServerConnection:
                 SmtpProtocolError(Reply(500, "5.5.2", "Error: invalid UTF-8 in command")),
                 "invalid UTF-8",
             )
-        if any((ord(ch) < 32 and ch != "\t") or ord(ch) == 127 for ch in text):
+        if not text.replace("\t", " ").isprintable() and _has_control(text):
             return self._violation(
                 SmtpProtocolError(Reply(500, "5.5.2", "Error: control character in command")),
                 "control character",
