@@ -652,7 +652,6 @@ class Store:
         self._pending: deque[_Pending] = deque()
         self._unsynced: list[WritableFile] = []
         self._inflight: list[WritableFile] = []
-        self._dir_dirty = False
         self._durable_lsn = 0
         self._applied_pos = (0, 0)
         self._written_blobs: dict[bytes, int] = {}
@@ -1073,18 +1072,16 @@ class Store:
                 fut.set_exception(err)
         self._wake_settled()
 
-    def _take_unsynced(self) -> tuple[list[WritableFile], bool]:
+    def _take_unsynced(self) -> list[WritableFile]:
         files, self._unsynced = self._unsynced, []
-        d, self._dir_dirty = self._dir_dirty, False
-        return files, d
+        return files
 
-    def _sync_files(self, files: list[WritableFile], dir_dirty: bool) -> None:
-        """fsync the files, then the log directory if a segment was created. Runs in a worker
+    @staticmethod
+    def _sync_files(files: list[WritableFile]) -> None:
+        """fsync the files (segment creation syncs the directory itself). Runs in a worker
         thread (async) or inline (sync); touches no other state."""
         for f in files:
             f.sync()
-        if dir_dirty:
-            self.fs.sync_dir(self._logdir)
 
     def _close_sealed(self, files: list[WritableFile]) -> None:
         """After a sync (loop thread): close write handles of sealed segments that no later
@@ -1145,11 +1142,11 @@ class Store:
                 "(replication) is set"
             )
         target = self._next_lsn - 1
-        files, d = self._take_unsynced()
+        files = self._take_unsynced()
         # Files an async flush is syncing right now hold frames <= target too.
         files = [f for f in self._inflight if f not in files] + files
         try:
-            self._sync_files(files, d or bool(self._inflight))
+            self._sync_files(files)
         except OSError as e:
             self._fail(e)
             raise StoreIOError(f"fsync of the log failed: {e.strerror or e}") from None
@@ -1220,12 +1217,12 @@ class Store:
             self._executor = ThreadPoolExecutor(1, thread_name_prefix="mh-fsync")
         while self._pending and self.state == StoreState.OPEN:
             target = self._next_lsn - 1
-            files, d = self._take_unsynced()
+            files = self._take_unsynced()
             try:
-                if files or d:
+                if files:
                     self._inflight = files
                     try:
-                        await loop.run_in_executor(self._executor, self._sync_files, files, d)
+                        await loop.run_in_executor(self._executor, self._sync_files, files)
                     finally:
                         self._inflight = []
                     self.stats_fsyncs += 1
