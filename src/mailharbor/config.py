@@ -32,6 +32,7 @@ New value kinds subclass :class:`Kind`.
 
 from __future__ import annotations
 
+import abc
 import dataclasses
 import difflib
 import functools
@@ -209,15 +210,15 @@ class _Context:
     base_dir: Path
 
 
-class Kind(Generic[T]):
+class Kind(abc.ABC, Generic[T]):
     """How one kind of value is read: raw TOML value in, typed value out.
 
     ``parse`` raises ``_Invalid`` with a message of the form ``expected ..., got ...``; the loader
     prefixes the key path. ``describe_default`` renders a raw default for humans.
     """
 
-    def parse(self, raw: object, ctx: _Context) -> T:
-        raise NotImplementedError
+    @abc.abstractmethod
+    def parse(self, raw: object, ctx: _Context) -> T: ...
 
     def describe_default(self, raw: object) -> str:
         return _toml_value(raw)
