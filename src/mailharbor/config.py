@@ -57,7 +57,9 @@ __all__ = [
     "ConfigError",
     "Derived",
     "Kind",
+    "ImapConfig",
     "LogConfig",
+    "Pop3Config",
     "NodeConfig",
     "QueueConfig",
     "SmtpConfig",
@@ -926,6 +928,115 @@ class SmtpConfig:
 
 
 @dataclass(frozen=True, kw_only=True)
+class ImapConfig:
+    """``[imap]``: the IMAP listeners (143 with STARTTLS, 993 implicit TLS).
+
+    Listen lists are empty by default (off), as in ``[smtp]``.
+    """
+
+    listen: tuple[str, ...] = setting(
+        ListOf(ListenAddress()),
+        "Addresses of the IMAP listener (port 143: STARTTLS offered; LOGIN and AUTHENTICATE "
+        "refused before TLS unless allow_plaintext_auth). Empty: off.",
+        [],
+    )
+    listen_tls: tuple[str, ...] = setting(
+        ListOf(ListenAddress()),
+        "Addresses of the implicit-TLS IMAP listener (port 993). Empty: off.",
+        [],
+    )
+    allow_plaintext_auth: bool = setting(
+        Bool(),
+        "Allow LOGIN/AUTHENTICATE on a connection without TLS (loopback tests, trusted "
+        "networks). Off: LOGINDISABLED is advertised until STARTTLS.",
+        False,
+    )
+    idle_timeout: float = setting(
+        Duration(minimum=1, maximum=86400),
+        "Time an authenticated client may stay silent (also in IDLE) before * BYE; RFC 9051 "
+        "asks for at least 30 minutes.",
+        "30m",
+    )
+    login_timeout: float = setting(
+        Duration(minimum=1, maximum=3600),
+        "Time a client has to log in after connecting.",
+        "60s",
+    )
+    max_line: int = setting(
+        Size(minimum=1024, maximum=16 * MiB),
+        "Longest command line (without literals); longer gets BAD and the line is discarded.",
+        "64KiB",
+    )
+    max_literal: int = setting(
+        Size(minimum=1024, maximum=2 * GiB),
+        "Largest literal (APPEND message); larger gets NO [TOOBIG] (or BAD for LITERAL+).",
+        "50MiB",
+    )
+    max_connections: int = setting(
+        Int(minimum=1, maximum=1000000),
+        "Sessions open at once over all IMAP listeners; more get * BYE.",
+        1000,
+    )
+    max_connections_per_client: int = setting(
+        Int(minimum=1, maximum=1000000),
+        "Sessions open at once from one client address (IPv6: per /64).",
+        50,
+    )
+    max_connections_per_account: int = setting(
+        Int(minimum=1, maximum=100000),
+        "Logged-in sessions at once per account; one more gets NO [LIMIT].",
+        20,
+    )
+    trusted_proxies: tuple[str, ...] = setting(
+        ListOf(Pattern(_NETWORK_RE, "an IP address or network (CIDR)")),
+        "Addresses (or networks) that must send a PROXY protocol v2 header; as smtp.trusted_proxies.",
+        [],
+    )
+
+
+@dataclass(frozen=True, kw_only=True)
+class Pop3Config:
+    """``[pop3]``: the POP3 listeners (110 with STLS, 995 implicit TLS). Off by default."""
+
+    listen: tuple[str, ...] = setting(
+        ListOf(ListenAddress()),
+        "Addresses of the POP3 listener (port 110: STLS offered; USER/PASS and AUTH refused "
+        "before TLS unless allow_plaintext_auth). Empty: off.",
+        [],
+    )
+    listen_tls: tuple[str, ...] = setting(
+        ListOf(ListenAddress()),
+        "Addresses of the implicit-TLS POP3 listener (port 995). Empty: off.",
+        [],
+    )
+    allow_plaintext_auth: bool = setting(
+        Bool(),
+        "Allow USER/PASS and AUTH on a connection without TLS.",
+        False,
+    )
+    timeout: float = setting(
+        Duration(minimum=1, maximum=86400),
+        "Inactivity timeout (RFC 1939: at least 10 minutes); then -ERR and close, no UPDATE.",
+        "10m",
+    )
+    max_connections: int = setting(
+        Int(minimum=1, maximum=1000000),
+        "Sessions open at once over all POP3 listeners; more get -ERR [SYS/TEMP].",
+        1000,
+    )
+    max_connections_per_client: int = setting(
+        Int(minimum=1, maximum=1000000),
+        "Sessions open at once from one client address (IPv6: per /64).",
+        20,
+    )
+    trusted_proxies: tuple[str, ...] = setting(
+        ListOf(Pattern(_NETWORK_RE, "an IP address or network (CIDR)")),
+        "Addresses (or networks) that must send a PROXY protocol v2 header; as smtp.trusted_proxies.",
+        [],
+    )
+
+
+@dataclass(frozen=True, kw_only=True)
 class Config:
     """A whole, validated configuration.
 
@@ -942,6 +1053,8 @@ class Config:
     log: LogConfig = section("Logging.")
     queue: QueueConfig = section("The outbound queue: routing, retries and limits.")
     smtp: SmtpConfig = section("The SMTP, submission and LMTP listeners.")
+    imap: ImapConfig = section("The IMAP listeners.")
+    pop3: Pop3Config = section("The POP3 listeners.")
 
     @property
     def base_dir(self) -> Path:
