@@ -73,12 +73,10 @@ soak: venv apt
 run: venv
 	@DEMO_DIR=$(DEMO_DIR) DEMO_HOSTNAME=$(DEMO_HOSTNAME) tools/run-demo.sh
 
-bench: venv
-	@if [ -f bench/store.py ]; then \
-		$(BIN)/python bench/store.py --quick; \
-	else \
-		echo "make bench: bench/store.py does not exist yet"; \
-	fi
+bench: venv bench-deps
+	$(BIN)/python bench/store.py --quick
+	$(BIN)/python bench/smtp.py --quick
+	$(BIN)/python bench/imap.py --quick
 
 bench-deps:
 	@tools/bench-deps.sh
