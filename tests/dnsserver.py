@@ -11,7 +11,7 @@ from __future__ import annotations
 from types import TracebackType
 from typing import Any
 
-from dnslib import AAAA, MX, QTYPE, RCODE, RR, A, DNSRecord
+from dnslib import AAAA, MX, PTR, QTYPE, RCODE, RR, A, DNSRecord
 from dnslib.server import BaseResolver, DNSServer
 
 
@@ -41,6 +41,8 @@ class _Resolver(BaseResolver):  # type: ignore[misc]
                 rdata = A(value)
             elif rtype == "AAAA":
                 rdata = AAAA(value)
+            elif rtype == "PTR":
+                rdata = PTR(value)
             else:
                 continue
             reply.add_answer(RR(qname, getattr(QTYPE, rtype), rdata=rdata, ttl=60))
@@ -48,7 +50,8 @@ class _Resolver(BaseResolver):  # type: ignore[misc]
 
 
 class LoopbackDns:
-    """``records``: name → [(type, value)], value "10 mx.example" for MX ("0 ." = null MX)."""
+    """``records``: name → [(type, value)], value "10 mx.example" for MX ("0 ." = null MX);
+    PTR records under ``in-addr.arpa``/``ip6.arpa`` names (e.g. ``2.0.0.127.in-addr.arpa``)."""
 
     def __init__(self) -> None:
         self.records: dict[str, list[tuple[str, str]]] = {}

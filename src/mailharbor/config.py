@@ -56,11 +56,11 @@ __all__ = [
     "Config",
     "ConfigError",
     "Derived",
-    "Kind",
     "ImapConfig",
+    "Kind",
     "LogConfig",
-    "Pop3Config",
     "NodeConfig",
+    "Pop3Config",
     "QueueConfig",
     "SmtpConfig",
     "StoreConfig",
@@ -795,6 +795,13 @@ class QueueConfig:
         "undeliverable (EXPIRED).",
         "120h",
     )
+    delay_warning: float = setting(
+        Duration(minimum=0, maximum=86400 * 365),
+        "After this long in the queue, the sender gets one 'delayed' report (RFC 3464) for the "
+        'recipients still deferred, unless their NOTIFY excludes DELAY; "0s" turns it off '
+        "(Postfix: delay_warning_time, off by default; sendmail: 4h).",
+        "4h",
+    )
     connect_timeout: float = setting(
         Duration(minimum=0.1, maximum=3600), "Time limit for connecting to a server.", "30s"
     )
@@ -879,8 +886,8 @@ class SmtpConfig:
     )
     max_message_size: int = setting(
         Size(minimum=1024, maximum=2 * GiB),
-        "Largest message accepted (advertised as SIZE); a message is held in memory while it "
-        "is received.",
+        "Largest message accepted (advertised as SIZE); up to stream_threshold a message is "
+        "held in memory while it is received.",
         "50MiB",
     )
     max_recipients: int = setting(
@@ -924,6 +931,32 @@ class SmtpConfig:
         "At stop, how long a message being received (DATA/BDAT) may take to finish; idle "
         "sessions get 421 4.3.2 at once.",
         "30s",
+    )
+    stream_threshold: int = setting(
+        Size(minimum=64 * 1024, maximum=2 * GiB),
+        "A message larger than this is streamed into the store while it arrives instead of "
+        "being held in memory (not when a message filter is configured: filters see the whole "
+        "message). Streamed messages get their MIME metadata parsed on first IMAP access.",
+        "1MiB",
+    )
+    reverse_dns: bool = setting(
+        Bool(),
+        "Look up the client's name (PTR, confirmed by its A/AAAA records, as Postfix does) for "
+        "the Received: header; started at connect, never waited for longer than rdns_timeout. "
+        "Off: the name is 'unknown'.",
+        True,
+    )
+    rdns_resolver: str = setting(
+        _EMPTY_OR_HOSTPORT,
+        'DNS server for the reverse lookups ("ip:port"); "" uses the system resolver '
+        "(/etc/resolv.conf).",
+        "",
+    )
+    rdns_timeout: float = setting(
+        Duration(minimum=0.05, maximum=60),
+        "Time limit for the reverse lookup (PTR plus the confirming A/AAAA); after it the "
+        "name is 'unknown'.",
+        "2s",
     )
 
 
@@ -989,7 +1022,8 @@ class ImapConfig:
     )
     trusted_proxies: tuple[str, ...] = setting(
         ListOf(Pattern(_NETWORK_RE, "an IP address or network (CIDR)")),
-        "Addresses (or networks) that must send a PROXY protocol v2 header; as smtp.trusted_proxies.",
+        "Addresses (or networks) that must send a PROXY protocol v2 header; as "
+        "smtp.trusted_proxies.",
         [],
     )
 
@@ -1031,7 +1065,8 @@ class Pop3Config:
     )
     trusted_proxies: tuple[str, ...] = setting(
         ListOf(Pattern(_NETWORK_RE, "an IP address or network (CIDR)")),
-        "Addresses (or networks) that must send a PROXY protocol v2 header; as smtp.trusted_proxies.",
+        "Addresses (or networks) that must send a PROXY protocol v2 header; as "
+        "smtp.trusted_proxies.",
         [],
     )
 

@@ -12,7 +12,15 @@ A session (:class:`_Session`) reads bytes, feeds :class:`SmtpServerConnection`, 
 that need the application (MAIL/RCPT via :class:`LocalDelivery`, the end of the message via
 ``LocalDelivery.deliver`` — whose replies come only after the store commit — and AUTH via the
 :class:`Authenticator` after the per-client :class:`AuthFailures` delay) and writes the replies.
-The message is held in memory while it arrives (bounded by ``smtp.max_message_size``).
+With ``smtp.reverse_dns`` the client's name for ``Received:`` is looked up
+(:mod:`mailharbor.service.rdns`) from the moment the session starts; the session waits for it
+only at the start of a message, and never past ``rdns_timeout`` after connecting (then the name
+is ``unknown``).
+
+A message is held in memory while it arrives up to ``smtp.stream_threshold`` bytes; past that
+(when no filter is configured) it is streamed into a store transaction as it arrives
+(:class:`~mailharbor.service.delivery.MessageSpool`), committed at its end or aborted by RSET, a
+new transaction or the end of the session.
 
 Invariants
 ----------
@@ -39,6 +47,7 @@ import logging
 import os
 import ssl
 import stat
+import sys
 import time
 from collections import Counter
 from collections.abc import Awaitable, Callable
@@ -81,10 +90,13 @@ from mailharbor.service.auth import Authenticator, AuthStatus
 from mailharbor.service.delivery import (
     Envelope,
     LocalDelivery,
+    MessageSpool,
     Recipient,
     Session,
     new_queue_id,
 )
+from mailharbor.service.mx import parse_hostport
+from mailharbor.service.rdns import UNKNOWN, ReverseResolver
 
 __all__ = ["ConnectionLimiter", "ListenerKind", "SmtpListener", "SmtpOptions", "SmtpServices"]
 
@@ -126,6 +138,10 @@ class SmtpOptions:
     max_connections_per_client: int = 20
     trusted_proxies: tuple[str, ...] = ()
     stop_grace: float = 30.0
+    stream_threshold: int = 1024 * 1024
+    reverse_dns: bool = False  # the [smtp] default is on; off here so tests never touch DNS
+    rdns_resolver: str = ""
+    rdns_timeout: float = 2.0
 
 
 class ConnectionLimiter:
@@ -165,12 +181,20 @@ class SmtpServices:
     limiter: ConnectionLimiter | None = None
     trusted: TrustedProxies = field(default_factory=lambda: TrustedProxies(()))
     sleep: Callable[[float], Awaitable[None]] = asyncio.sleep
+    rdns: ReverseResolver | None = None
 
     def __post_init__(self) -> None:
+        o = self.options
         if self.limiter is None:
-            o = self.options
             self.limiter = ConnectionLimiter(o.max_connections, o.max_connections_per_client)
-        self.trusted = TrustedProxies(self.options.trusted_proxies)
+        self.trusted = TrustedProxies(o.trusted_proxies)
+        if self.rdns is None and o.reverse_dns:
+            ns: list[str] = []
+            port = 53
+            if o.rdns_resolver:
+                host, port = parse_hostport(o.rdns_resolver, 53)
+                ns = [host]
+            self.rdns = ReverseResolver(nameservers=ns, port=port, timeout=o.rdns_timeout)
 
 
 def split_endpoint(endpoint: str) -> tuple[str | None, int]:
@@ -228,8 +252,9 @@ class SmtpListener:
             self._server.close()
         if self._stop is not None and not self._stop.done():
             self._stop.set_result(None)
+        deadline = asyncio.get_running_loop().time() + grace
         for s in list(self._sessions):
-            s.deadline = asyncio.get_running_loop().time() + grace
+            s.shutdown(deadline)
         if self._tasks:
             _, pending = await asyncio.wait(list(self._tasks), timeout=grace + 5)
             for t in pending:
@@ -306,7 +331,15 @@ class SmtpListener:
 
 
 class _Session:
-    """One connection."""
+    """One connection.
+
+    Reads are plain ``await reader.read()`` calls; their timeout is one lazy timer per session
+    (``_on_timer``): a read only records its deadline, and the timer, when it fires, re-arms
+    itself at the current deadline or, if the session is still waiting for bytes past it,
+    cancels the read (the task is always suspended in ``_read`` then), which ``_read`` turns into
+    the 421. A listener stop interrupts a command read the same way (``shutdown``). Replies are
+    collected in ``_outbuf`` and written in one piece before the session waits (for bytes, the
+    store, AUTH), so pipelined commands get their replies in one segment."""
 
     def __init__(
         self,
@@ -342,6 +375,32 @@ class _Session:
         )
         self.conn = SmtpServerConnection(cfg, lmtp=self.lmtp, tls_active=tls)
         self.submission = sub
+        self._loop = asyncio.get_running_loop()
+        self._task: asyncio.Task[None] | None = None
+        self._outbuf = bytearray()
+        self._read_deadline = 0.0  # loop time; meaningful while _reading
+        self._reading = False
+        self._interruptible = False  # reading a command: a stop may interrupt it
+        self._interrupt: Reply | None = None  # why the read was cancelled
+        self._timer: asyncio.TimerHandle | None = None
+        self._info: Session | None = None
+        self._info_key: tuple[object, ...] = ()
+        self.client_host = ""  # the reverse DNS name once known ("" → "unknown")
+        self._rdns: asyncio.Task[str] | None = None
+        self._rdns_deadline = 0.0
+        rdns = self.services.rdns
+        if rdns is not None and not listener.unix and client != "unknown":
+            hit = rdns.cached(client)
+            if hit is not None:
+                self.client_host = hit
+            else:
+                self._rdns_deadline = self._loop.time() + rdns.timeout
+                self._rdns = self._loop.create_task(rdns.lookup(client))
+                self._rdns.add_done_callback(self._rdns_done)
+        self.spool: MessageSpool | None = None
+        self._stream_at = (
+            self.options.stream_threshold if self.services.delivery.can_stream else sys.maxsize
+        )
         self._reset()
 
     def _reset(self) -> None:
@@ -349,11 +408,55 @@ class _Session:
         self.sender = ""
         self.mail_params = MailParams()
         self.recipients: list[Recipient] = []
+        self._drop_message()
+
+    def _rdns_done(self, task: asyncio.Task[str]) -> None:
+        if not task.cancelled() and task.exception() is None:
+            self.client_host = task.result()
+
+    def _rdns_pending(self) -> bool:
+        return self._rdns is not None and not self._rdns.done()
+
+    async def _rdns_settled(self) -> None:
+        """Wait for the reverse lookup started at connect, at most until its deadline (the
+        session is never held longer than ``rdns_timeout`` after it connected)."""
+        task = self._rdns
+        if task is None or task.done():
+            return
+        remaining = self._rdns_deadline - self._loop.time()
+        if remaining > 0:
+            await asyncio.wait({task}, timeout=remaining)
+        if not task.done():
+            task.cancel()
+            self.client_host = UNKNOWN
+        else:
+            self._rdns_done(task)
+
+    def _drop_message(self) -> None:
         self.message = bytearray()
+        if self.spool is not None:
+            self.spool.abort()
+            self.spool = None
+
+    def _add_message_data(self, data: bytes) -> None:
+        """Message bytes: held in ``message`` up to ``stream_threshold``, then streamed into
+        the store (see :class:`~mailharbor.service.delivery.MessageSpool`)."""
+        if self.spool is not None:
+            self.spool.write(data)
+            return
+        self.message += data
+        if len(self.message) > self._stream_at:
+            self.spool = self.services.delivery.open_spool(self._envelope())
+            self.spool.write(bytes(self.message))
+            self.message = bytearray()
 
     # -- I/O ---------------------------------------------------------------------------------
 
     async def _write(self, data: bytes) -> None:
+        """Write ``_outbuf`` and ``data`` now."""
+        if self._outbuf:
+            data = bytes(self._outbuf) + data
+            self._outbuf.clear()
         if not data:
             return
         self.writer.write(data)
@@ -365,38 +468,79 @@ class _Session:
     def _in_message(self) -> bool:
         return self.conn.state in _IN_MESSAGE
 
+    def shutdown(self, deadline: float) -> None:
+        """The listener stops: a session waiting for a command gets 421 now; one inside a
+        message may finish it until ``deadline`` (loop time)."""
+        self.deadline = deadline
+        if not self._reading:
+            return  # _read checks the stop future before it waits
+        if self._interruptible:
+            self._cancel_read(R_SHUTDOWN)
+        elif deadline < self._read_deadline:
+            self._read_deadline = deadline
+            if self._timer is not None:
+                self._timer.cancel()
+            self._timer = self._loop.call_at(deadline, self._on_timer)
+
+    def _cancel_read(self, why: Reply) -> None:
+        if self._interrupt is None and self._task is not None:
+            self._interrupt = why
+            self._task.cancel()
+
+    def _on_timer(self) -> None:
+        self._timer = None
+        if not self._reading:
+            return  # the next read arms a new timer
+        if self._loop.time() < self._read_deadline:
+            self._timer = self._loop.call_at(self._read_deadline, self._on_timer)
+            return
+        if self.listener.stop_future.done():
+            self._cancel_read(R_SHUTDOWN)
+        else:
+            log.info("session with %s timed out", self.client)
+            self._cancel_read(R_TIMEOUT)
+
     async def _read(self) -> bytes | None:
         """The next bytes (``b""`` at EOF), or None after a timeout/stop 421 was written."""
-        loop = asyncio.get_running_loop()
+        loop = self._loop
         in_msg = self._in_message()
         timeout = self.options.data_timeout if in_msg else self.options.command_timeout
-        stop = self.listener.stop_future
-        if stop.done():
+        if self.listener.stop_future.done():
             if not in_msg:
                 await self._write(R_SHUTDOWN.to_bytes())
                 return None
             if self.deadline is not None:
                 timeout = min(timeout, max(0.0, self.deadline - loop.time()))
-        read = asyncio.ensure_future(self.reader.read(65536))
-        waiters: set[asyncio.Future[object]] = {read}  # type: ignore[arg-type]
-        if not in_msg and not stop.done():
-            waiters.add(stop)  # type: ignore[arg-type]
-        done, _ = await asyncio.wait(waiters, timeout=timeout, return_when="FIRST_COMPLETED")
-        if read in done:
-            try:
-                return read.result()
-            except (ConnectionError, OSError):
-                return b""
-        read.cancel()
-        with contextlib.suppress(BaseException):
-            await read
-        reply = R_SHUTDOWN if stop.done() else R_TIMEOUT
-        if reply is R_TIMEOUT:
-            log.info("session with %s timed out", self.client)
-        await self._write(reply.to_bytes())
+        if self._outbuf:
+            await self._write(b"")
+        self._read_deadline = deadline = loop.time() + timeout
+        if self._timer is None:
+            self._timer = loop.call_at(deadline, self._on_timer)
+        elif self._timer.when() > deadline:  # a shorter timeout than the armed one
+            self._timer.cancel()
+            self._timer = loop.call_at(deadline, self._on_timer)
+        self._reading = True
+        self._interruptible = not in_msg
+        try:
+            return await self.reader.read(65536)
+        except asyncio.CancelledError:
+            why = self._interrupt
+            if why is None:
+                raise  # the task itself is being cancelled
+            task = self._task
+            assert task is not None
+            task.uncancel()
+        except (ConnectionError, OSError):
+            return b""
+        finally:
+            self._reading = False
+            self._interruptible = False
+        self._interrupt = None
+        await self._write(why.to_bytes())
         return None
 
     async def run(self) -> None:
+        self._task = asyncio.current_task()
         try:
             await self._write(self.conn.data_to_send())
             while True:
@@ -416,32 +560,57 @@ class _Session:
                 self.conn.receive_data(data)
         except (ConnectionError, TimeoutError, OSError, ssl.SSLError):
             return
+        finally:
+            if self._timer is not None:
+                self._timer.cancel()
+                self._timer = None
+            if self._rdns is not None and not self._rdns.done():
+                self._rdns.cancel()
+            self._drop_message()
 
     async def _pump(self) -> bool:
         """Handle every event the engine has; True when the session is over."""
+        conn = self.conn
         while True:
-            ev = self.conn.next_event()
+            ev = conn.next_event()
             if ev is NEED_DATA:
                 break
+            if type(ev) is DataChunk:  # the common case, kept cheap
+                if self.spool is None and len(self.message) + len(ev.data) <= self._stream_at:
+                    self.message += ev.data
+                else:
+                    if self.spool is None:
+                        await self._rdns_settled()  # Received: goes into the spool first
+                    self._add_message_data(ev.data)
+                    if self.spool is not None and self.spool.needs_flush:
+                        await self.spool.flush()
+                continue
             if isinstance(ev, Sentinel):  # PAUSED cannot happen: every owed reply is sent
                 raise RuntimeError("engine paused without an answer")
             if isinstance(ev, ConnectionClosed):
-                await self._write(self.conn.data_to_send())
+                await self._write(conn.data_to_send())
                 return True
             try:
-                out = await self._on_event(ev)
+                out = self._on_event(ev)
+                if out is None:
+                    if not isinstance(ev, StartTls):  # _starttls writes its 220 itself
+                        await self._write(conn.data_to_send())
+                    out = await self._on_event_async(ev)
             except (ConnectionError, TimeoutError, ssl.SSLError):
                 raise
             except Exception:
                 log.exception("error while answering %s from %s", type(ev).__name__, self.client)
                 bug = self._bug_reply(ev)
                 if bug is None:
-                    await self._write(self.conn.data_to_send() + R_BUG_CLOSE.to_bytes())
+                    await self._write(conn.data_to_send() + R_BUG_CLOSE.to_bytes())
                     return True
                 out = bug
-            await self._write(out)
-        await self._write(self.conn.data_to_send())
-        return self.conn.closing
+            self._outbuf += out
+        self._outbuf += conn.data_to_send()
+        if conn.closing:
+            await self._write(b"")
+            return True
+        return False
 
     def _bug_reply(self, ev: Event) -> bytes | None:
         if not self.conn.awaiting_reply:
@@ -455,21 +624,29 @@ class _Session:
     # -- events --------------------------------------------------------------------------------
 
     def _session_info(self) -> Session:
+        conn = self.conn
+        key = (conn.helo_name, conn.esmtp, self.tls, self.account, self.client_host)
+        if self._info is not None and key == self._info_key:
+            return self._info
         if self.lmtp:
             proto = "LMTPS" if self.tls else "LMTP"
         else:
-            proto = "ESMTP" if self.conn.esmtp else "SMTP"
+            proto = "ESMTP" if conn.esmtp else "SMTP"
             proto += "S" if self.tls else ""
             proto += "A" if self.account else ""
-        return Session(
+        self._info = Session(
             client_ip=self.client,
-            helo=self.conn.helo_name or "",
+            helo=conn.helo_name or "",
             protocol=proto,
             authenticated=self.account,
             submission=self.submission,
+            client_host=self.client_host,
         )
+        self._info_key = key
+        return self._info
 
-    async def _on_event(self, ev: Event) -> bytes:
+    def _on_event(self, ev: Event) -> bytes | None:
+        """Answer an event that needs no waiting; None: it needs ``_on_event_async``."""
         delivery = self.services.delivery
         match ev:
             case MailFrom(address=address, params=params):
@@ -493,23 +670,26 @@ class _Session:
                 self.recipients.append(res)
                 return self.conn.send(R_RCPT_OK)
             case DataStart():
-                self.message = bytearray()
+                self._drop_message()
+                if self._rdns_pending():
+                    return None  # wait for the client's name before the message
             case DataChunk(data=data):
-                self.message += data
+                self._add_message_data(data)
             case BdatChunk(data=data, last=last):
+                if (
+                    last
+                    or self.spool is not None
+                    or self._rdns_pending()
+                    or len(self.message) + len(data) > self._stream_at
+                ):
+                    return None
                 self.message += data
-                if last:
-                    return await self._end_of_message()
-            case DataEnd():
-                return await self._end_of_message()
+            case DataEnd() | StartTls() | AuthRequest():
+                return None
             case DataAborted() | Rset():
-                self.message = bytearray()
+                self._drop_message()
                 if isinstance(ev, Rset):
                     self._reset()
-            case StartTls():
-                return await self._starttls()
-            case AuthRequest():
-                return self.conn.send(await self._auth(ev))
             case Ehlo() | Helo():
                 self._reset()
             case ProtocolViolation(reason=reason):
@@ -518,17 +698,45 @@ class _Session:
                 pass
         return b""
 
-    async def _end_of_message(self) -> bytes:
-        envelope = Envelope(
-            queue_id=self.queue_id or new_queue_id(),
+    async def _on_event_async(self, ev: Event) -> bytes:
+        """Answer the end of a message, STARTTLS or AUTH (they wait for the store, the TLS
+        handshake or the password check)."""
+        if isinstance(ev, StartTls):
+            return await self._starttls()
+        if isinstance(ev, AuthRequest):
+            return self.conn.send(await self._auth(ev))
+        if isinstance(ev, DataStart):
+            await self._rdns_settled()
+            return b""
+        if isinstance(ev, BdatChunk):
+            await self._rdns_settled()
+            self._add_message_data(ev.data)
+            if self.spool is not None and self.spool.needs_flush:
+                await self.spool.flush()
+            if not ev.last:
+                return b""
+        return await self._end_of_message()
+
+    def _envelope(self) -> Envelope:
+        if not self.queue_id:
+            self.queue_id = new_queue_id()
+        return Envelope(
+            queue_id=self.queue_id,
             session=self._session_info(),
             sender=self.sender,
             recipients=tuple(self.recipients),
             params=self.mail_params,
         )
+
+    async def _end_of_message(self) -> bytes:
+        await self._rdns_settled()
+        envelope = self._envelope()
         message = bytes(self.message)
         self.message = bytearray()
-        replies = await self.services.delivery.deliver(envelope, message, per_recipient=self.lmtp)
+        spool, self.spool = self.spool, None
+        replies = await self.services.delivery.deliver(
+            envelope, message, per_recipient=self.lmtp, spool=spool
+        )
         self._reset()
         if self.lmtp:
             return self.conn.send_lmtp_replies(replies)
@@ -537,7 +745,8 @@ class _Session:
     async def _starttls(self) -> bytes:
         # No await between the 220 and start_tls (which pauses reading at once): the client's
         # ClientHello must not be read by the plaintext stream reader.
-        self.writer.write(self.conn.data_to_send())
+        self.writer.write(bytes(self._outbuf) + self.conn.data_to_send())
+        self._outbuf.clear()
         assert self.services.tls is not None
         await self.writer.start_tls(self.services.tls, ssl_handshake_timeout=_TLS_TIMEOUT)
         self.tls = True

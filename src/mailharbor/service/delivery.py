@@ -39,6 +39,23 @@ entry whose body has the ``Received:`` header but no ``Return-Path:`` (RFC 5321 
 final delivery adds it). Bare LF in the body is stored as CRLF. The replies (250) are returned only
 after the commit returned, i.e. after the durability barrier: acknowledged means durable.
 
+NOTIFY=SUCCESS (RFC 3461) of a local recipient: a success report (``delivered``, or ``expanded``
+for an alias with several targets, whose forwarded copies are queued without SUCCESS) goes to the
+sender in the same transaction (its INBOX if local, else queued from ``<>``); never to ``<>``.
+Relayed recipients are reported by the queue runner (``relayed``).
+
+Large messages (:class:`MessageSpool`): the SMTP session holds a message in memory only up to
+``smtp.stream_threshold``; past it (and only when no filter is configured, since a filter sees
+the whole message) the session opens a spool and the body is streamed into the store
+transaction's blob writers as it arrives, so memory stays bounded by the store's chunk size.
+The ``Received:`` header of a streamed message is made when the spool opens (its date is then
+"data started arriving", which is what Postfix writes too). A streamed message gets **no
+MIME_META record** at delivery: parsing needs the whole message in memory, which is what
+streaming avoids; the mailbox service parses such a body on its first structured access and
+persists the record then (:meth:`mailharbor.service.mailbox.MailboxService.meta`). Quota, the
+replies and the mail log line are as for a small message (the Message-ID comes from the first
+64 KiB).
+
 Invariants
 ----------
 - Nothing is written unless the whole transaction commits; a failed commit gives ``451 4.3.0``
@@ -51,18 +68,20 @@ from __future__ import annotations
 
 import enum
 import logging
+import os
 import secrets
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from email.utils import formatdate
 from typing import Protocol
 
 from mailharbor.proto.smtp import MailParams, RcptParams, Reply
 from mailharbor.service import maillog
+from mailharbor.service.dsn import DsnRecipient, build_dsn
 from mailharbor.service.mime import META_VERSION, encode_meta, parse_message
-from mailharbor.service.queue import QueueParams
-from mailharbor.store import Store, StoreError
+from mailharbor.service.queue import QueueParams, add_report
+from mailharbor.store import BlobWriter, Store, StoreError, Transaction
 
 __all__ = [
     "Envelope",
@@ -70,6 +89,7 @@ __all__ = [
     "FilterVerdict",
     "LocalDelivery",
     "MessageFilter",
+    "MessageSpool",
     "Recipient",
     "Session",
     "new_queue_id",
@@ -96,7 +116,7 @@ def new_queue_id() -> str:
 
 def normalize_crlf(data: bytes) -> bytes:
     """Every line end as CRLF: a bare LF becomes CRLF, existing CRLFs are kept."""
-    if b"\n" not in data:
+    if data.count(b"\n") == data.count(b"\r\n"):  # no bare LF (what the SMTP engine yields)
         return data
     return data.replace(b"\r\n", b"\n").replace(b"\n", b"\r\n")
 
@@ -169,8 +189,141 @@ class _Expansion:
         self.loop = False
 
 
+class MessageSpool:
+    """A message streamed into one store transaction while it arrives (large messages).
+
+        Opened by :meth:`LocalDelivery.open_spool` at the point the session decides the message is
+        too large to hold (recipients are known by then). The body is written, with line ends made
+        CRLF, to a :meth:`~mailharbor.store.Transaction.blob_writer` for the local copy (after
+        ``Return-Path:`` and ``Received:``) and one for the queued copy (after ``Received:``), as
+        needed by the recipients; the writers append chunk records to the log, so memory holds at
+        most one chunk per writer plus what was appended since the last :meth:`flush` (the session
+    flushes every ``FLUSH_BYTES``). Nothing is visible until :meth:`LocalDelivery.deliver` commits
+        the transaction; :meth:`abort` (RSET, a new MAIL, a dropped connection) leaves only orphan
+        chunks, which compaction reclaims. A store error while streaming makes the spool
+        ``failed``: the rest is discarded and the message gets ``451 4.3.0`` at its end.
+    """
+
+    HEAD_BYTES = 65536  # kept for the mail log's Message-ID
+    FLUSH_BYTES = 1024 * 1024  # see needs_flush
+
+    def __init__(self, delivery: LocalDelivery, envelope: Envelope) -> None:
+        self.started = time.monotonic()
+        self._store = delivery.store
+        self._unflushed = 0
+        self.size = 0  # body bytes after CRLF repair
+        self.head = bytearray()
+        self.failed = False
+        self._carry = b""
+        self._local: BlobWriter | None = None
+        self._queued: BlobWriter | None = None
+        received = delivery.trace_headers(envelope)
+        return_path = f"Return-Path: <{_header_value(envelope.sender)}>\r\n".encode("ascii")
+        self._prefix = len(return_path) + len(received)
+        self.txn: Transaction | None = None
+        try:
+            self.txn = delivery.store.transaction()
+            if any(r.mailboxes for r in envelope.recipients):
+                self._local = self.txn.blob_writer()
+                self._local.write(return_path + received)
+            if any(r.remote for r in envelope.recipients):
+                self._queued = self.txn.blob_writer()
+                self._queued.write(received)
+        except StoreError as e:
+            log.error("cannot stream message %s into the store: %s", envelope.queue_id, e)
+            self.abort()
+            self.failed = True
+
+    @property
+    def local_size(self) -> int:
+        """Size of the local copy (with Return-Path and Received), for quota."""
+        return self._prefix + self.size + len(self._carry)
+
+    def write(self, data: bytes) -> None:
+        if self.failed or not data:
+            return
+        data = self._carry + data
+        self._carry = b""
+        if data.endswith(b"\r"):  # its LF may come with the next piece
+            self._carry = b"\r"
+            data = data[:-1]
+        self._put(normalize_crlf(data))
+
+    @property
+    def needs_flush(self) -> bool:
+        """Enough was written that the caller should ``await flush()``: appended chunk frames
+        keep their payload in memory until they are durable and applied."""
+        return self._unflushed >= self.FLUSH_BYTES and not self.failed
+
+    async def flush(self) -> None:
+        self._unflushed = 0
+        try:
+            await self._store.flush_appended()
+        except StoreError as e:
+            log.error("streaming a message into the store failed: %s", e)
+            self.abort()
+            self.failed = True
+
+    def _put(self, data: bytes) -> None:
+        self.size += len(data)
+        self._unflushed += len(data)
+        if len(self.head) < self.HEAD_BYTES:
+            self.head += data[: self.HEAD_BYTES - len(self.head)]
+        try:
+            if self._local is not None:
+                self._local.write(data)
+            if self._queued is not None:
+                self._queued.write(data)
+        except StoreError as e:
+            log.error("streaming a message into the store failed: %s", e)
+            self.abort()
+            self.failed = True
+
+    def finish(self) -> tuple[bytes | None, bytes | None]:
+        """The hashes of the local and the queued copy (None where not written)."""
+        if self._carry:
+            self._put(self._carry)
+            self._carry = b""
+        if self.failed:
+            raise StoreError("the message could not be streamed into the store")
+        local = self._local.finish() if self._local is not None else None
+        queued = self._queued.finish() if self._queued is not None else None
+        return local, queued
+
+    def abort(self) -> None:
+        """Drop the message (idempotent); its chunks become orphans."""
+        if self.txn is not None:
+            self.txn.abort()
+            self.txn = None
+        self._local = self._queued = None
+
+
+def _forward_params(r: Recipient) -> RcptParams:
+    """The DSN parameters a remote copy of ``r`` is queued with: as given, except that an
+    expansion to several targets (an alias) drops SUCCESS (reported here as ``expanded``;
+    RFC 3461 6.2.7.3), leaving NEVER if nothing else was asked for."""
+    notify = r.params.notify
+    if not notify or "SUCCESS" not in notify or len(r.mailboxes) + len(r.remote) <= 1:
+        return r.params
+    return replace(r.params, notify=(notify - {"SUCCESS"}) or frozenset({"NEVER"}))
+
+
 def _header_value(text: str) -> str:
+    if text.isascii() and text.isprintable():
+        return text
     return "".join(ch if 32 <= ord(ch) < 127 else "?" for ch in text)
+
+
+_date_cache: tuple[int, str] = (-1, "")
+
+
+def _rfc5322_date(now: float) -> str:
+    """``formatdate(now)``, computed once per second."""
+    global _date_cache
+    sec = int(now)
+    if _date_cache[0] != sec:
+        _date_cache = (sec, formatdate(sec, localtime=False))
+    return _date_cache[1]
 
 
 class LocalDelivery:
@@ -325,22 +478,43 @@ class LocalDelivery:
         helo = _header_value(s.helo or "unknown")
         host = _header_value(s.client_host or "unknown")
         ip = _header_value(s.client_ip)
-        date = formatdate(now if now is not None else time.time(), localtime=False)
+        date = _rfc5322_date(now if now is not None else time.time())
         return (
             f"Received: from {helo} ({host} [{ip}])\r\n"
             f"\tby {_header_value(self.hostname)} with {s.protocol} id {envelope.queue_id};\r\n"
             f"\t{date}\r\n"
         ).encode("ascii")
 
+    @property
+    def can_stream(self) -> bool:
+        """Messages may be streamed into the store (:meth:`open_spool`): no filter is configured
+        (a filter sees the whole message and may add header fields above it)."""
+        return not self.filters
+
+    def open_spool(self, envelope: Envelope) -> MessageSpool:
+        """Start streaming a large message of ``envelope`` into a store transaction; finish it
+        with :meth:`deliver` (``spool=``) or :meth:`MessageSpool.abort`."""
+        return MessageSpool(self, envelope)
+
     async def deliver(
-        self, envelope: Envelope, message: bytes, *, per_recipient: bool = False
+        self,
+        envelope: Envelope,
+        message: bytes,
+        *,
+        per_recipient: bool = False,
+        spool: MessageSpool | None = None,
     ) -> list[Reply]:
         """Filter and commit the message; one reply per recipient, in order. The 250s come
         back only after the store transaction is durable.
 
         ``per_recipient`` (LMTP): a recipient over quota gets its own ``452`` and the others are
         delivered. Without it (SMTP, one reply for all) any recipient over quota makes the whole
-        message ``452`` and nothing is written, so the sender's retry causes no duplicates."""
+        message ``452`` and nothing is written, so the sender's retry causes no duplicates.
+
+        ``spool``: the start of the message was streamed into it; ``message`` is the rest."""
+        if spool is not None:
+            spool.write(message)
+            return await self._deliver_spooled(envelope, spool, per_recipient)
         n = len(envelope.recipients)
         body = normalize_crlf(message)
         started = time.monotonic()
@@ -375,7 +549,7 @@ class LocalDelivery:
             for m in r.mailboxes:
                 mailboxes[m] = None
             for a in r.remote:
-                remote.setdefault(a, r.params)
+                remote.setdefault(a, _forward_params(r))
         if not per_recipient and any(not r.positive for r in replies):
             return self._finish(envelope, body, [R_QUOTA] * n, "over quota", started)
         if not mailboxes and not remote:
@@ -392,6 +566,7 @@ class LocalDelivery:
                     t.queue_add(
                         qh, envelope.sender, list(remote), self._queue_params(envelope, remote)
                     )
+                self._success_report(t, envelope, replies, received + extra + body)
         except StoreError as e:
             log.error("delivery of %s failed: %s", envelope.queue_id, e)
             return self._finish(envelope, body, [R_TEMP] * n, "store error", started)
@@ -399,6 +574,102 @@ class LocalDelivery:
             log.exception("delivery of %s failed", envelope.queue_id)
             return self._finish(envelope, body, [R_TEMP] * n, "internal error", started)
         return self._finish(envelope, body, replies, "", started)
+
+    async def _deliver_spooled(
+        self, envelope: Envelope, spool: MessageSpool, per_recipient: bool
+    ) -> list[Reply]:
+        """:meth:`deliver` for a streamed message: no filters, no MIME_META record (see the
+        module docstring); the spool's transaction is committed or aborted here."""
+        n = len(envelope.recipients)
+        started = spool.started
+        head = bytes(spool.head)
+        replies: list[Reply] = []
+        mailboxes: dict[bytes, None] = {}
+        remote: dict[str, RcptParams] = {}
+        for r in envelope.recipients:
+            if r.accounts and self._over_quota(r.accounts, spool.local_size):
+                replies.append(R_QUOTA)
+                continue
+            replies.append(Reply(250, "2.0.0", f"Ok: queued as {envelope.queue_id}"))
+            for m in r.mailboxes:
+                mailboxes[m] = None
+            for a in r.remote:
+                remote.setdefault(a, _forward_params(r))
+        size = spool.size
+        if spool.failed:
+            spool.abort()
+            return self._finish(envelope, head, [R_TEMP] * n, "store error", started, size=size)
+        if not per_recipient and any(not r.positive for r in replies):
+            spool.abort()
+            return self._finish(envelope, head, [R_QUOTA] * n, "over quota", started, size=size)
+        if not mailboxes and not remote:
+            spool.abort()
+            return self._finish(envelope, head, replies, "rejected", started, size=size)
+        try:
+            local, queued = spool.finish()
+            t = spool.txn
+            assert t is not None
+            if mailboxes:
+                assert local is not None
+                t.deliver(local, list(mailboxes))
+            if remote:
+                assert queued is not None
+                t.queue_add(
+                    queued, envelope.sender, list(remote), self._queue_params(envelope, remote)
+                )
+            self._success_report(t, envelope, replies, head)
+            await t.commit_async()
+            spool.txn = None
+        except StoreError as e:
+            spool.abort()
+            log.error("delivery of %s failed: %s", envelope.queue_id, e)
+            return self._finish(envelope, head, [R_TEMP] * n, "store error", started, size=size)
+        except Exception:
+            spool.abort()
+            log.exception("delivery of %s failed", envelope.queue_id)
+            return self._finish(envelope, head, [R_TEMP] * n, "internal error", started, size=size)
+        return self._finish(envelope, head, replies, "", started, size=size)
+
+    def _success_report(
+        self, t: Transaction, envelope: Envelope, replies: list[Reply], original: bytes
+    ) -> None:
+        """NOTIFY=SUCCESS of local recipients (RFC 3461): one report, in the delivery's
+        transaction, ``delivered`` (one mailbox) or ``expanded`` (an alias with several
+        targets, whose forwarded copies lose SUCCESS: see ``_forward_params``). Remote-only
+        recipients are reported by the queue runner (``relayed``). Never to the null sender."""
+        if not envelope.sender:
+            return
+        done: list[DsnRecipient] = []
+        for r, reply in zip(envelope.recipients, replies, strict=True):
+            notify = r.params.notify
+            if not reply.positive or not r.mailboxes or not notify or "SUCCESS" not in notify:
+                continue
+            expanded = len(r.mailboxes) + len(r.remote) > 1
+            done.append(
+                DsnRecipient(
+                    address=r.address,
+                    action="expanded" if expanded else "delivered",
+                    status="2.0.0",
+                    diagnostic=f"250 2.0.0 delivered by {self.hostname}",
+                    original_recipient=f"{r.params.orcpt[0]};{r.params.orcpt[1]}"
+                    if r.params.orcpt
+                    else "",
+                )
+            )
+        if not done:
+            return
+        dsn = build_dsn(
+            reporting_mta=self.hostname,
+            original_sender=envelope.sender,
+            recipients=done,
+            original=original,
+            arrival_ms=int(time.time() * 1000),
+            now_ms=int(time.time() * 1000),
+            envid=envelope.params.envid,
+            token=os.urandom(12).hex(),
+        )
+        where = add_report(self.store, t, envelope.sender, dsn)
+        log.info("%s: success report %s <%s>", envelope.queue_id, where, envelope.sender)
 
     @staticmethod
     def _queue_params(envelope: Envelope, remote: dict[str, RcptParams]) -> str:
@@ -421,7 +692,11 @@ class LocalDelivery:
         replies: list[Reply],
         why: str,
         started: float,
+        *,
+        size: int | None = None,
     ) -> list[Reply]:
+        """Log the transaction; ``body`` is the message, or (streamed) its first part, with
+        ``size`` the whole length."""
         results = []
         for r, reply in zip(envelope.recipients, replies, strict=True):
             results.append((r.address, f"{reply.code} {reply.enhanced}".strip()))
@@ -431,7 +706,7 @@ class LocalDelivery:
             client=envelope.session.client_ip,
             protocol=envelope.session.protocol,
             sender=envelope.sender,
-            size=len(body),
+            size=len(body) if size is None else size,
             results=results,
             note=why,
             seconds=time.monotonic() - started,

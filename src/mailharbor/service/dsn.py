@@ -2,13 +2,18 @@
 
 Theory of operation
 -------------------
-:func:`build_dsn` turns the failed (or delayed) recipients of one queue entry into the bytes of
-a bounce message: a human-readable ``text/plain`` part, a ``message/delivery-status`` part
-(Reporting-MTA, Original-Envelope-Id, Arrival-Date; per recipient Final-Recipient,
-Original-Recipient, Action, Status, Remote-MTA, Diagnostic-Code, Last-Attempt-Date), and the
-original message (``message/rfc822``, RET=FULL) or only its header
-(``text/rfc822-headers``, RET=HDRS — the default, and the fallback when the message is larger
-than :data:`FULL_RETURN_LIMIT`).
+:func:`build_dsn` turns recipients of one message into the bytes of a report: a human-readable
+``text/plain`` part, a ``message/delivery-status`` part (Reporting-MTA, Original-Envelope-Id,
+Arrival-Date; per recipient Final-Recipient, Original-Recipient, Action, Status, Remote-MTA,
+Diagnostic-Code, Last-Attempt-Date, Will-Retry-Until for ``delayed``), and the original message
+(``message/rfc822``, RET=FULL) or only its header (``text/rfc822-headers``, RET=HDRS — the
+default, and the fallback when the message is larger than :data:`FULL_RETURN_LIMIT`).
+
+One report is of one kind, chosen from its recipients' actions: a *failure* report (any
+``failed``: "Undelivered Mail Returned to Sender"), a *delay* warning (``delayed``: "Delayed
+Mail (still being retried)") or a *success* report (``delivered``, ``relayed``, ``expanded``:
+"Successful Mail Delivery Report"). The callers send the three kinds separately, as Postfix
+does, and pass ``ret`` only for failures (delay and success reports carry the header only).
 
 The caller (the queue runner) sends it from ``MAILER-DAEMON@<hostname>`` with the null reverse
 path ``<>`` and decides where it goes (local INBOX or the queue); a DSN about a message whose
@@ -45,8 +50,9 @@ def sanitize(text: str, limit: int = _MAX_FIELD) -> str:
 
 @dataclass(frozen=True, slots=True)
 class DsnRecipient:
-    """One recipient's line in the report. ``action`` is ``failed`` or ``delayed``;
-    ``status`` an enhanced status code (``5.1.1``); ``diagnostic`` the remote reply
+    """One recipient's line in the report. ``action`` is ``failed``, ``delayed``,
+    ``delivered``, ``relayed`` or ``expanded`` (RFC 3464 2.3.3); ``status`` an enhanced status
+    code (``5.1.1``, ``4.4.1``, ``2.0.0``); ``diagnostic`` the remote reply
     (``550 5.1.1 no such user``) or a local explanation; ``remote_mta`` the host that answered
     (empty if none did)."""
 
@@ -85,15 +91,20 @@ def build_dsn(
     ret: str | None = None,
     envid: str | None = None,
     token: str,
+    will_retry_until_ms: int | None = None,
 ) -> bytes:
     """The bytes of an RFC 3464 report (see the module doc). ``token`` is a unique string
     (hex) used for the MIME boundary and the Message-ID."""
     host = sanitize(reporting_mta)
     boundary = f"=_mailharbor_dsn_{token}"
     failed = any(r.action == "failed" for r in recipients)
-    subject = (
-        "Undelivered Mail Returned to Sender" if failed else "Delayed Mail (still being retried)"
-    )
+    delayed = not failed and any(r.action == "delayed" for r in recipients)
+    if failed:
+        subject = "Undelivered Mail Returned to Sender"
+    elif delayed:
+        subject = "Delayed Mail (still being retried)"
+    else:
+        subject = "Successful Mail Delivery Report"
     date = email.utils.formatdate(now_ms / 1000, localtime=False)
     arrival = email.utils.formatdate(arrival_ms / 1000, localtime=False)
     head = [
@@ -120,10 +131,16 @@ def build_dsn(
             "I'm sorry to have to inform you that your message could not",
             "be delivered to one or more recipients. It's attached below.",
         ]
-    else:
+    elif delayed:
         head += [
             "Your message could not be delivered yet to one or more recipients.",
             "The mail system will keep trying; you do not need to send it again.",
+        ]
+    else:
+        head += [
+            "Your message was successfully delivered to the destination(s) listed",
+            "below. If it was relayed to a system that does not return delivery",
+            "reports, you will receive no further notifications from there.",
         ]
     head.append("")
     for r in recipients:
@@ -151,13 +168,16 @@ def build_dsn(
         kind = "smtp" if r.smtp_diagnostic else "x-local"
         head.append(f"Diagnostic-Code: {kind}; {sanitize(r.diagnostic)}")
         head.append(f"Last-Attempt-Date: {date}")
+        if r.action == "delayed" and will_retry_until_ms is not None:
+            until = email.utils.formatdate(will_retry_until_ms / 1000, localtime=False)
+            head.append(f"Will-Retry-Until: {until}")
     head.append("")
     full = (ret or "").upper() == "FULL" and len(original) <= FULL_RETURN_LIMIT
     head.append(f"--{boundary}")
     if full:
         eight_bit = any(b > 0x7F for b in original)
         head.append("Content-Type: message/rfc822")
-        head.append("Content-Description: Undelivered Message")
+        head.append("Content-Description: " + ("Undelivered Message" if failed else "Message"))
         if eight_bit:
             head.append("Content-Transfer-Encoding: 8bit")
         body = _crlf(original)
@@ -165,7 +185,10 @@ def build_dsn(
             body += b"\r\n"
     else:
         head.append("Content-Type: text/rfc822-headers")
-        head.append("Content-Description: Undelivered Message Headers")
+        head.append(
+            "Content-Description: "
+            + ("Undelivered Message Headers" if failed else "Message Headers")
+        )
         body = header_block(original) + b"\r\n"
         if any(b > 0x7F for b in body):
             head.append("Content-Transfer-Encoding: 8bit")

@@ -9,6 +9,10 @@ Invariants
   nrcpt=… to=<a>:250 2.0.0,<b>:452 4.2.2 result=…``.
 - Values are made safe for one line: control characters and spaces inside values become ``?``
   and ``_``; a value is never longer than 512 characters. Exception text is never logged here.
+- With a file configured, :func:`received` writes its line to the handler's stream itself (same
+  ``asctime message`` format as the handler's formatter, one write and flush per line, under the
+  handler's lock) instead of building a ``LogRecord``: it runs once per message on the event
+  loop. Anything else logged to ``mailharbor.mail`` goes through the handler as usual.
 """
 
 from __future__ import annotations
@@ -16,6 +20,7 @@ from __future__ import annotations
 import logging
 import os
 import re
+import time
 from collections.abc import Sequence
 
 __all__ = ["LOGGER_NAME", "close", "configure", "message_id_of", "received"]
@@ -104,4 +109,29 @@ def received(
     if note:
         fields.append(f"reason={note.replace(' ', '_')}")
     fields.append(f"delay={seconds:.3f}")
-    log.info(" ".join(fields))
+    _emit(" ".join(fields))
+
+
+_stamp_cache: tuple[int, str] = (-1, "")
+
+
+def _emit(line: str) -> None:
+    global _stamp_cache
+    handler = _handler
+    if not isinstance(handler, logging.StreamHandler):
+        log.info(line)
+        return
+    now = time.time()
+    sec = int(now)
+    if _stamp_cache[0] != sec:  # logging.Formatter's default asctime, once per second
+        _stamp_cache = (sec, time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(sec)))
+    msecs = int((now - sec) * 1000)
+    handler.acquire()
+    try:
+        handler.stream.write(f"{_stamp_cache[1]},{msecs:03d} {line}\n")
+        handler.flush()
+    except Exception:
+        handler.release()
+        log.info(line)  # the handler's own error handling reports the failure
+        return
+    handler.release()

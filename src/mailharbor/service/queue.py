@@ -42,7 +42,23 @@ Invariants
 - At most one attempt per entry at a time; at most ``max_concurrent`` attempts and
   ``max_per_domain`` connections per destination domain.
 - A DSN is never produced for a message whose sender is ``<>``, nor for a recipient whose
-  NOTIFY excludes FAILURE.
+  NOTIFY excludes its kind (FAILURE, DELAY, SUCCESS; NEVER excludes all). Without NOTIFY a
+  recipient gets failure and delay reports (RFC 3461 4.1 leaves DELAY to the MTA), never a
+  success report.
+
+Reports other than bounces (RFC 3464), each its own message, made in the transaction that
+records the outcome:
+
+- **Delay warning** (``action: delayed``), once per entry: at the first attempt that starts
+  ``queue.delay_warning`` or more after the entry was queued (``"0s"`` turns it off), for the
+  recipients that attempt defers. "Once" is durable: the DEFERRED records written with (and
+  after) the warning carry the suffix :data:`WARNED_MARK` in their detail, which the index keeps
+  as the entry's ``last_detail`` (DEFERRED records are written after the others of an attempt,
+  and ``queue retry`` keeps the detail); the mark is removed from expiry bounces.
+- **Success** (``action: relayed``) for a recipient with NOTIFY=SUCCESS whose remote server
+  accepted the message but does not offer DSN (a remote that offers it got NOTIFY passed on and
+  reports itself). Local deliveries with NOTIFY=SUCCESS are reported by
+  :mod:`mailharbor.service.delivery` (``delivered``/``expanded``) through :func:`add_report`.
 - Time comes from the injected :class:`Clock`; :meth:`QueueRunner.run_due` is the whole
   scheduling step, so tests drive it in virtual time.
 - :meth:`QueueRunner.stop` returns after every attempt either finished or was cancelled; the
@@ -77,6 +93,7 @@ from mailharbor.store.format import QueueResult
 from mailharbor.store.index import QueueEntry
 
 __all__ = [
+    "WARNED_MARK",
     "Clock",
     "Deliverer",
     "Outcome",
@@ -85,6 +102,7 @@ __all__ = [
     "QueueRunner",
     "SmtpDeliverer",
     "SystemClock",
+    "add_report",
     "backoff_ms",
     "entry_view",
     "router_from_config",
@@ -201,6 +219,7 @@ class Outcome:
     detail: str
     remote_mta: str = ""
     smtp: bool = True
+    remote_dsn: bool = False  # DELIVERED to a server that offers DSN: success reports are its job
 
 
 class Deliverer(Protocol):
@@ -415,7 +434,11 @@ class SmtpDeliverer:
         r = await smtp.execute_command(b".")
         o = (
             Outcome(
-                OutcomeKind.DELIVERED, _status_of(r.code, r.message), _reply(r.code, r.message), mta
+                OutcomeKind.DELIVERED,
+                _status_of(r.code, r.message),
+                _reply(r.code, r.message),
+                mta,
+                remote_dsn=dsn,
             )
             if r.code == 250
             else _fail(r.code, r.message, mta)
@@ -626,11 +649,15 @@ class QueueRunner:
         recipients = list(q.recipients)
         message = self.store.read_blob(q.blob)
         params = QueueParams.decode(q.params)
+        last_detail = _unmarked(q.last_detail)
         if now - q.created_ms >= int(self.config.maximal_lifetime * 1000):
-            detail = q.last_detail or "message expired in the queue"
-            o = Outcome(OutcomeKind.BOUNCED, _expiry_status(q.last_detail), detail, "", False)
+            detail = last_detail or "message expired in the queue"
+            o = Outcome(OutcomeKind.BOUNCED, _expiry_status(last_detail), detail, "", False)
             await self._record(q, message, params, dict.fromkeys(recipients, o), expired=True)
             return
+        warned = q.last_detail.endswith(WARNED_MARK)
+        warn_after = int(self.config.delay_warning * 1000)
+        warn_now = not warned and warn_after > 0 and now - q.created_ms >= warn_after
         term = self.term_provider()
         async with self.store.transaction() as t:
             t.queue_attempt(guid, term, recipients)
@@ -644,7 +671,9 @@ class QueueRunner:
         outcomes: dict[str, Outcome] = {}
         for res in results:
             outcomes.update(res)
-        await self._record(q, message, params, outcomes, expired=False)
+        await self._record(
+            q, message, params, outcomes, expired=False, warned=warned, warn_now=warn_now
+        )
 
     async def _deliver_group(
         self, domain: str, recipients: list[str], sender: str, message: bytes, params: QueueParams
@@ -682,8 +711,13 @@ class QueueRunner:
         outcomes: Mapping[str, Outcome],
         *,
         expired: bool,
+        warned: bool = False,
+        warn_now: bool = False,
     ) -> None:
         now = self.clock.now_ms()
+        mark = WARNED_MARK if warned or warn_now else ""
+        # DEFERRED records last: the entry's last_detail (and its mark) comes from them.
+        ordered = sorted(outcomes.items(), key=lambda kv: kv[1].kind is OutcomeKind.DEFERRED)
         attempts = q.attempts if q.attempts else 1
         delay = backoff_ms(
             attempts,
@@ -691,10 +725,25 @@ class QueueRunner:
             int(self.config.maximal_backoff * 1000),
         )
         failed: list[DsnRecipient] = []
+        delayed: list[DsnRecipient] = []
+        relayed: list[DsnRecipient] = []
         async with self.store.transaction() as t:
-            for rcpt, o in outcomes.items():
+            for rcpt, o in ordered:
+                notify = params.notify.get(rcpt)
                 if o.kind is OutcomeKind.DELIVERED:
                     t.queue_done(q.guid, rcpt, QueueResult.DELIVERED, o.detail)
+                    if notify and "SUCCESS" in notify and not o.remote_dsn:
+                        relayed.append(
+                            DsnRecipient(
+                                address=rcpt,
+                                action="relayed",
+                                status="2.0.0",
+                                diagnostic=o.detail,
+                                remote_mta=o.remote_mta,
+                                original_recipient=params.orcpt.get(rcpt, ""),
+                                smtp_diagnostic=o.smtp,
+                            )
+                        )
                     log.info(
                         "%s: to=<%s> relay=%s status=sent (%s)",
                         q.guid.hex(),
@@ -703,7 +752,19 @@ class QueueRunner:
                         o.detail,
                     )
                 elif o.kind is OutcomeKind.DEFERRED:
-                    t.queue_done(q.guid, rcpt, QueueResult.DEFERRED, o.detail, now + delay)
+                    t.queue_done(q.guid, rcpt, QueueResult.DEFERRED, o.detail + mark, now + delay)
+                    if warn_now and (notify is None or "DELAY" in notify):
+                        delayed.append(
+                            DsnRecipient(
+                                address=rcpt,
+                                action="delayed",
+                                status=o.status if o.status.startswith("4") else "4.4.7",
+                                diagnostic=o.detail,
+                                remote_mta=o.remote_mta,
+                                original_recipient=params.orcpt.get(rcpt, ""),
+                                smtp_diagnostic=o.smtp,
+                            )
+                        )
                     log.info(
                         "%s: to=<%s> status=deferred (%s), next in %d s",
                         q.guid.hex(),
@@ -736,47 +797,68 @@ class QueueRunner:
                             smtp_diagnostic=o.smtp,
                         )
                     )
-            if failed:
-                if not q.sender:
-                    log.info(
-                        "%s: a bounce (from <>) failed for %s: dropped, a bounce is never bounced",
-                        q.guid.hex(),
-                        ", ".join(f.address for f in failed),
+            if failed and not q.sender:
+                log.info(
+                    "%s: a bounce (from <>) failed for %s: dropped, a bounce is never bounced",
+                    q.guid.hex(),
+                    ", ".join(f.address for f in failed),
+                )
+            if not q.sender:
+                return  # no report of any kind to the null sender
+            until = q.created_ms + int(self.config.maximal_lifetime * 1000)
+            for kind, rcpts in (("bounce", failed), ("delay warning", delayed)):
+                if rcpts:
+                    dsn = build_dsn(
+                        reporting_mta=self.hostname,
+                        original_sender=q.sender,
+                        recipients=rcpts,
+                        original=message,
+                        arrival_ms=q.created_ms,
+                        now_ms=now,
+                        ret=params.ret if kind == "bounce" else None,
+                        envid=params.envid,
+                        token=os.urandom(12).hex(),
+                        will_retry_until_ms=until,
                     )
-                else:
-                    self._add_bounce(t, q, message, params, failed, now)
+                    where = add_report(self.store, t, q.sender, dsn)
+                    log.info("%s: %s %s <%s>", q.guid.hex(), kind, where, q.sender)
+            if relayed:
+                dsn = build_dsn(
+                    reporting_mta=self.hostname,
+                    original_sender=q.sender,
+                    recipients=relayed,
+                    original=message,
+                    arrival_ms=q.created_ms,
+                    now_ms=now,
+                    envid=params.envid,
+                    token=os.urandom(12).hex(),
+                )
+                where = add_report(self.store, t, q.sender, dsn)
+                log.info("%s: success report %s <%s>", q.guid.hex(), where, q.sender)
         # NotFound (an admin deleted the entry meanwhile) propagates as a StoreError: logged.
 
-    def _add_bounce(
-        self,
-        t: Transaction,
-        q: QueueEntry,
-        message: bytes,
-        params: QueueParams,
-        failed: Sequence[DsnRecipient],
-        now: int,
-    ) -> None:
-        dsn = build_dsn(
-            reporting_mta=self.hostname,
-            original_sender=q.sender,
-            recipients=failed,
-            original=message,
-            arrival_ms=q.created_ms,
-            now_ms=now,
-            ret=params.ret,
-            envid=params.envid,
-            token=os.urandom(12).hex(),
-        )
-        acct = self.store.index.account_by_address(q.sender)
-        inbox = self.store.index.mailbox_by_name(acct.guid, "INBOX") if acct is not None else None
-        if inbox is not None:
-            blob = t.put_blob(b"Return-Path: <>\r\n" + dsn)
-            t.deliver(blob, [inbox.guid])
-            log.info("%s: bounce delivered to local sender <%s>", q.guid.hex(), q.sender)
-        else:
-            blob = t.put_blob(dsn)
-            t.queue_add(blob, "", [q.sender])
-            log.info("%s: bounce queued to <%s>", q.guid.hex(), q.sender)
+
+#: Suffix of the detail of DEFERRED records once an entry's delay warning was sent.
+WARNED_MARK = " [delay warning sent]"
+
+
+def _unmarked(detail: str) -> str:
+    return detail.removesuffix(WARNED_MARK)
+
+
+def add_report(store: Store, t: Transaction, sender: str, dsn: bytes) -> str:
+    """Add the report ``dsn`` for ``sender`` to transaction ``t``: into the sender's INBOX if
+    the sender is a local account, else queued from ``<>``. Returns "delivered to"/"queued to"
+    (for log lines). Never call it for the null sender."""
+    acct = store.index.account_by_address(sender)
+    inbox = store.index.mailbox_by_name(acct.guid, "INBOX") if acct is not None else None
+    if inbox is not None:
+        blob = t.put_blob(b"Return-Path: <>\r\n" + dsn)
+        t.deliver(blob, [inbox.guid])
+        return "delivered to"
+    blob = t.put_blob(dsn)
+    t.queue_add(blob, "", [sender])
+    return "queued to"
 
 
 def _expiry_status(last_detail: str) -> str:

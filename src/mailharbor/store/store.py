@@ -1167,6 +1167,19 @@ class Store:
             await fut
         self._check_writable()
 
+    async def flush_appended(self) -> None:
+        """Wait until the frames appended so far (e.g. a blob writer's chunks) are durable and
+        applied, which also drops their payloads from memory. Unlike :meth:`settle` it does not
+        wait for frames appended later, so it cannot starve under a steady stream of commits."""
+        lsn = self._next_lsn - 1
+        if lsn <= self.index.last_lsn:
+            return
+        self._check_writable()
+        fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._waiters.append((lsn, fut))
+        self._ensure_flusher()
+        await fut
+
     def _check_sync_allowed(self) -> None:
         if self.barrier is not None:
             raise StoreError(

@@ -87,6 +87,13 @@ class Reply:
         return self.code in (421, 521)
 
     def to_bytes(self) -> bytes:
+        wire: bytes | None = self.__dict__.get("_wire")
+        if wire is None:  # computed once per Reply (most replies are module constants)
+            wire = self._encode()
+            object.__setattr__(self, "_wire", wire)
+        return wire
+
+    def _encode(self) -> bytes:
         lines = self.text.split("\n") if self.text else [""]
         prefix = f"{self.enhanced} " if self.enhanced else ""
         out = []

@@ -240,6 +240,8 @@ _R_TOO_MANY_ERRORS = Reply(421, "4.7.0", "Error: too many errors")
 _R_TOO_BIG = Reply(552, "5.3.4", "Message size exceeds fixed limit")
 _R_NEED_TLS = Reply(530, "5.7.0", "Must issue a STARTTLS command first")
 _R_OK = Reply(250, "2.0.0", "Ok")
+_DATA_START = DataStart()  # field-less events: one instance each
+_DATA_END = DataEnd()
 _LOGIN_USER = "VXNlcm5hbWU6"  # base64("Username:")
 _LOGIN_PASS = "UGFzc3dvcmQ6"  # base64("Password:")
 
@@ -450,7 +452,7 @@ class SmtpServerConnection:
         return ev
 
     def _line_limit(self) -> int:
-        if self.state is State.AUTH or self._in[:5].upper() == b"AUTH ":
+        if self.state is State.AUTH or (self._in[:1] in b"Aa" and self._in[:5].upper() == b"AUTH "):
             return self.limits.max_auth_line_length
         return self.limits.max_line_length
 
@@ -639,7 +641,7 @@ class SmtpServerConnection:
         self._oversize = False
         self._mid_line = False
         self._prev_crlf = True
-        return DataStart()
+        return _DATA_START
 
     def _parse_bdat(self, arg: str) -> None:
         parts = arg.split()
@@ -743,7 +745,7 @@ class SmtpServerConnection:
             self._queue(_R_TOO_BIG)
         return DataAborted(_R_TOO_BIG)
 
-    def _add_content(self, out: bytearray, piece: bytes) -> None:
+    def _add_content(self, out: bytearray, piece: bytes | bytearray) -> None:
         self._message_size += len(piece)
         if self._message_size > self.limits.max_message_size:
             self._oversize = True
@@ -751,58 +753,96 @@ class SmtpServerConnection:
             out += piece
 
     def _step_data(self) -> Event | Sentinel | None:
-        """Scan DATA content; return a DataChunk, the end events, a violation, or NEED_DATA."""
+        """Scan DATA content; return a DataChunk, the end events, a violation, or NEED_DATA.
+
+        Fast path: at the start of a line that does not begin with ``.`` (the line before ended
+        in CRLF), the run of complete lines up to the next line that starts with ``.`` (found
+        with one search for ``<LF>.``) is taken as it is when every ``<LF>`` in it is preceded by
+        ``<CR>`` (two counts): such lines need neither unstuffing nor line-end repair. Everything
+        else — a ``.`` line (the end, or a stuffed line), a line with a bare ``<LF>``, a line
+        longer than the chunk budget, a partial line — goes through the line-by-line path, whose
+        rules are the definition. A bare ``<LF>`` anywhere in reach switches the rest of the
+        chunk to that path, so a message full of them costs no repeated scans."""
         out = bytearray()
         buf = self._in
-        strict = self.config.bare_newline is BareNewline.STRICT
-        while len(out) < self.limits.data_chunk_size:
-            idx = buf.find(b"\n", 0, _PARTIAL_LINE)
-            if idx < 0:
-                # No complete line: stream long partial lines, keeping a trailing CR (it may
-                # start the CRLF) and enough of a line start to recognise "." CR LF.
-                if not self._mid_line and len(buf) < _PARTIAL_LINE:
-                    break
-                take = min(len(buf), _PARTIAL_LINE)
-                if buf[take - 1 : take] == b"\r":
-                    take -= 1
-                if take <= 0:
-                    break
-                start = 1 if not self._mid_line and buf[:1] == b"." else 0
-                self._add_content(out, bytes(buf[start:take]))
-                del buf[:take]
-                self._mid_line = True
-                continue
-            line = bytes(buf[: idx + 1])
-            del buf[: idx + 1]
-            content = line[:-1]
-            crlf = content.endswith(b"\r")
-            if crlf:
-                content = content[:-1]
-            elif strict:
-                self._in.clear()
-                self._reset_transaction()
-                return self._violation(SmtpProtocolError(_R_BARE_LF), "bare LF in DATA")
-            if not self._mid_line:
-                if content == b"." and crlf and self._prev_crlf:
-                    if out:
-                        self._events.append(self._finish_message())
-                        return DataChunk(bytes(out))
-                    return self._finish_message()
-                if content.startswith(b"."):
-                    content = content[1:]
-            self._mid_line = False
-            self._prev_crlf = crlf
-            self._add_content(out, content + b"\r\n")
+        limit = self.limits.data_chunk_size
+        fast = True
+        while len(out) < limit:
+            if fast and not self._mid_line and self._prev_crlf and buf[:1] != b".":
+                end = buf.rfind(b"\n", 0, limit - len(out))
+                if end >= 0:
+                    dot = buf.find(b"\n.", 0, end)
+                    if dot >= 0:
+                        end = dot
+                    end += 1
+                    if buf.count(b"\n", 0, end) == buf.count(b"\r\n", 0, end):
+                        self._add_content(out, buf[:end])
+                        del buf[:end]
+                        continue
+                    fast = False
+            ev = self._data_line(out)
+            if ev is NEED_DATA:
+                break
+            if ev is not None:
+                return ev
         if out:
             return DataChunk(bytes(out))
         return NEED_DATA
+
+    def _data_line(self, out: bytearray) -> Event | Sentinel | None:
+        """One DATA line (or a piece of a long one) from the input into ``out``: None when
+        consumed, NEED_DATA when more input is needed, or the event that ends the data (after
+        ``out``, if it holds content, as a DataChunk)."""
+        buf = self._in
+        idx = buf.find(b"\n", 0, _PARTIAL_LINE)
+        if idx < 0:
+            # No complete line: stream long partial lines, keeping a trailing CR (it may
+            # start the CRLF) and enough of a line start to recognise "." CR LF.
+            if not self._mid_line and len(buf) < _PARTIAL_LINE:
+                return NEED_DATA
+            take = min(len(buf), _PARTIAL_LINE)
+            if buf[take - 1 : take] == b"\r":
+                take -= 1
+            if take <= 0:
+                return NEED_DATA
+            start = 1 if not self._mid_line and buf[:1] == b"." else 0
+            self._add_content(out, bytes(buf[start:take]))
+            del buf[:take]
+            self._mid_line = True
+            return None
+        line = bytes(buf[: idx + 1])
+        del buf[: idx + 1]
+        content = line[:-1]
+        crlf = content.endswith(b"\r")
+        if crlf:
+            content = content[:-1]
+        elif self.config.bare_newline is BareNewline.STRICT:
+            self._in.clear()
+            self._reset_transaction()
+            ev = self._violation(SmtpProtocolError(_R_BARE_LF), "bare LF in DATA")
+            if out:  # what came before, as the line-by-line reading would have streamed it
+                self._events.append(ev)
+                return DataChunk(bytes(out))
+            return ev
+        if not self._mid_line:
+            if content == b"." and crlf and self._prev_crlf:
+                if out:
+                    self._events.append(self._finish_message())
+                    return DataChunk(bytes(out))
+                return self._finish_message()
+            if content.startswith(b"."):
+                content = content[1:]
+        self._mid_line = False
+        self._prev_crlf = crlf
+        self._add_content(out, content + b"\r\n")
+        return None
 
     def _finish_message(self) -> Event:
         if self._oversize:
             return self._abort_oversize()
         self.state = State.DATA  # stays until the app's reply moves it (see _AFTER_REPLY)
         self._owed = _Owed.MESSAGE
-        return DataEnd()
+        return _DATA_END
 
     def _step_bdat(self) -> Event | Sentinel | None:
         if self._bdat_left > 0:
