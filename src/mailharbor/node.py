@@ -11,6 +11,11 @@ resource of a node and starts them in order, stopping them in reverse:
 3. the SMTP/submission/LMTP listeners of ``[smtp]`` (``mailharbor.server.smtp``; the mail log
    of ``log.mail_log`` is opened with them); stopped gracefully: 421 to idle sessions,
    messages in flight finish within ``smtp.stop_grace``;
+   then the POP3 listeners of ``[pop3]`` (``mailharbor.server.pop3``), stopped before the SMTP
+   ones: ``-ERR`` to sessions waiting for a command, an UPDATE in flight finishes;
+   then the IMAP listeners of ``[imap]`` (``mailharbor.server.imap``, with the mailbox service
+   and its notification hub), stopped first of the listeners: ``* BYE`` once the command in
+   progress completed, then the background commits (the implicit Seen flag) are drained;
 4. the outbound queue runner (``mailharbor.service.queue``), stopped first.
 
 (Later: replication role, service address, listeners, queue runner — DESIGN.md's resource
@@ -46,10 +51,13 @@ from mailharbor import __version__
 from mailharbor.admin.protocol import Request, Response
 from mailharbor.admin.server import AdminContext, AdminServer, execute
 from mailharbor.config import Config
+from mailharbor.server.imap import ImapListener, ImapOptions, ImapServices
+from mailharbor.server.pop3 import Pop3Listener, Pop3Options, Pop3Services
 from mailharbor.server.smtp import ListenerKind, SmtpListener, SmtpOptions, SmtpServices
 from mailharbor.service import maillog
 from mailharbor.service.auth import Authenticator
 from mailharbor.service.delivery import LocalDelivery
+from mailharbor.service.mailbox import MailboxService
 from mailharbor.service.queue import QueueRunner
 from mailharbor.store import Store, StoreOptions
 from mailharbor.tls import server_context
@@ -121,6 +129,9 @@ class Node:
         self.admin: AdminServer | None = None
         self.queue: QueueRunner | None = None
         self.listeners: list[SmtpListener] = []
+        self.pop3_listeners: list[Pop3Listener] = []
+        self.imap_listeners: list[ImapListener] = []
+        self.mailboxes: MailboxService | None = None
         self.authenticator: Authenticator | None = None
         self._stop: asyncio.Event | None = None
         self._stop_reason = ""
@@ -165,6 +176,8 @@ class Node:
             self.admin = AdminServer(self.config.admin.socket, ctx)
             await self.admin.start()
             await self._start_listeners(self.store)
+            await self._start_pop3(self.store)
+            await self._start_imap(self.store)
             # Last resource: the outbound queue runner (started after fencing, in the cluster).
             self.queue = QueueRunner(
                 self.store, self.config.queue, hostname=self.config.node.hostname
@@ -194,6 +207,8 @@ class Node:
                 await queue.stop()
             except Exception:
                 log.exception("stopping the queue runner failed")
+        await self._stop_imap()
+        await self._stop_pop3()
         await self._stop_listeners()
         if self.admin is not None:
             try:
@@ -254,6 +269,10 @@ class Node:
                 max_connections_per_client=cfg.max_connections_per_client,
                 trusted_proxies=cfg.trusted_proxies,
                 stop_grace=cfg.stop_grace,
+                stream_threshold=cfg.stream_threshold,
+                reverse_dns=cfg.reverse_dns,
+                rdns_resolver=cfg.rdns_resolver,
+                rdns_timeout=cfg.rdns_timeout,
             ),
             tls=tls,
         )
@@ -261,6 +280,117 @@ class Node:
             listener = SmtpListener(kind, ep, services)
             await listener.start()
             self.listeners.append(listener)
+
+    async def _start_pop3(self, store: Store) -> None:
+        """Start one POP3 listener per ``[pop3]`` endpoint (after the SMTP listeners)."""
+        cfg = self.config.pop3
+        if not cfg.listen and not cfg.listen_tls:
+            return
+        tls = None
+        try:
+            tls = server_context(self.config.tls.cert, self.config.tls.key)
+        except (OSError, ssl.SSLError) as e:
+            if cfg.listen_tls:
+                raise
+            log.warning("TLS certificate unusable, STLS not offered: %s", e)
+        if self.authenticator is None:
+
+            def lookup(account: str) -> str | None:
+                acct = store.index.account_by_address(account)
+                return acct.password_hash if acct is not None else None
+
+            self.authenticator = Authenticator(
+                lookup,
+                max_concurrent_checks=self.config.auth.max_concurrent_checks,
+                cache_seconds=self.config.auth.cache_seconds,
+            )
+        services = Pop3Services(
+            store=store,
+            authenticator=self.authenticator,
+            options=Pop3Options(
+                hostname=self.config.node.hostname,
+                allow_plaintext_auth=cfg.allow_plaintext_auth,
+                timeout=cfg.timeout,
+                max_connections=cfg.max_connections,
+                max_connections_per_client=cfg.max_connections_per_client,
+                trusted_proxies=cfg.trusted_proxies,
+            ),
+            tls=tls,
+        )
+        for ep, implicit in [(ep, False) for ep in cfg.listen] + [
+            (ep, True) for ep in cfg.listen_tls
+        ]:
+            listener = Pop3Listener(ep, services, implicit_tls=implicit)
+            await listener.start()
+            self.pop3_listeners.append(listener)
+
+    async def _start_imap(self, store: Store) -> None:
+        """Start one IMAP listener per ``[imap]`` endpoint (after the SMTP and POP3 ones)."""
+        cfg = self.config.imap
+        if not cfg.listen and not cfg.listen_tls:
+            return
+        tls = None
+        try:
+            tls = server_context(self.config.tls.cert, self.config.tls.key)
+        except (OSError, ssl.SSLError) as e:
+            if cfg.listen_tls:
+                raise
+            log.warning("TLS certificate unusable, IMAP STARTTLS not offered: %s", e)
+        if self.authenticator is None:
+
+            def lookup(account: str) -> str | None:
+                acct = store.index.account_by_address(account)
+                return acct.password_hash if acct is not None else None
+
+            self.authenticator = Authenticator(
+                lookup,
+                max_concurrent_checks=self.config.auth.max_concurrent_checks,
+                cache_seconds=self.config.auth.cache_seconds,
+            )
+        self.mailboxes = MailboxService(store)
+        services = ImapServices(
+            mailboxes=self.mailboxes,
+            authenticator=self.authenticator,
+            options=ImapOptions(
+                hostname=self.config.node.hostname,
+                allow_plaintext_auth=cfg.allow_plaintext_auth,
+                idle_timeout=cfg.idle_timeout,
+                login_timeout=cfg.login_timeout,
+                max_line=cfg.max_line,
+                max_literal=cfg.max_literal,
+                max_connections=cfg.max_connections,
+                max_connections_per_client=cfg.max_connections_per_client,
+                max_connections_per_account=cfg.max_connections_per_account,
+                trusted_proxies=cfg.trusted_proxies,
+            ),
+            tls=tls,
+        )
+        for ep, implicit in [(ep, False) for ep in cfg.listen] + [
+            (ep, True) for ep in cfg.listen_tls
+        ]:
+            listener = ImapListener(ep, services, implicit_tls=implicit)
+            await listener.start()
+            self.imap_listeners.append(listener)
+
+    async def _stop_imap(self) -> None:
+        listeners, self.imap_listeners = self.imap_listeners, []
+        results = await asyncio.gather(*(x.stop() for x in listeners), return_exceptions=True)
+        for x, r in zip(listeners, results, strict=True):
+            if isinstance(r, BaseException):
+                log.error("stopping %r failed: %s", x, r)
+        if self.mailboxes is not None:
+            mailboxes, self.mailboxes = self.mailboxes, None
+            try:
+                await mailboxes.drain()
+            finally:
+                mailboxes.hub.close()
+
+    async def _stop_pop3(self) -> None:
+        listeners, self.pop3_listeners = self.pop3_listeners, []
+        results = await asyncio.gather(*(x.stop() for x in listeners), return_exceptions=True)
+        for x, r in zip(listeners, results, strict=True):
+            if isinstance(r, BaseException):
+                log.error("stopping %r failed: %s", x, r)
 
     async def _stop_listeners(self) -> None:
         listeners, self.listeners = self.listeners, []

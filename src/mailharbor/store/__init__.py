@@ -6,6 +6,7 @@ See `mailharbor.store.store` for the theory of operation and docs/store.md for t
 from mailharbor.store.ops import (
     AlreadyExists,
     Change,
+    Conflict,
     Delivery,
     InvalidArgument,
     NotFound,
@@ -38,6 +39,7 @@ __all__ = [
     "Change",
     "CommitEvent",
     "CompactReport",
+    "Conflict",
     "CorruptLog",
     "Delivery",
     "DurabilityBarrier",

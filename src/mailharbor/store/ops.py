@@ -41,6 +41,11 @@ class InvalidArgument(StoreError):
     pass
 
 
+class Conflict(StoreError):
+    """A conditional flag change (``unchanged_since``) met changes of the same mailbox that are
+    appended but not yet applied: nothing is written; settle and retry."""
+
+
 DEFAULT_MAILBOXES: tuple[tuple[str, int], ...] = (
     ("INBOX", 0),
     ("Sent", ix.SU_SENT),
@@ -64,10 +69,12 @@ class Delivery:
 @dataclass(slots=True)
 class Change:
     """Result of a flag change or expunge, filled at commit: the MODSEQ given and the UIDs that
-    existed (others were ignored)."""
+    existed (others were ignored). With ``unchanged_since``, ``modified`` lists the existing UIDs
+    left alone because their MODSEQ was above it (CONDSTORE's MODIFIED set)."""
 
     modseq: int = 0
     uids: tuple[int, ...] = ()
+    modified: tuple[int, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -98,6 +105,7 @@ class OpFlags:
     add_keywords: tuple[str, ...]
     remove_keywords: tuple[str, ...]
     result: Change
+    unchanged_since: int | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -462,6 +470,18 @@ class Encoder:
     def _change(self, op: OpFlags | OpExpunge) -> None:
         mb = self._mailbox(op.mailbox)
         uids = tuple(u for u in dict.fromkeys(op.uids) if mb.position(u) is not None)
+        if isinstance(op, OpFlags) and op.unchanged_since is not None and uids:
+            # Race-free CONDSTORE: the check runs at encode time against the durable index;
+            # changes of this mailbox appended but not yet applied (their MODSEQs are only in
+            # the allocation counter) could touch any message, so they make the caller retry.
+            since = op.unchanged_since
+            if self._base_modseq.get(mb.guid, 0) > max(mb.highestmodseq, since):
+                raise Conflict("changes of this mailbox are being committed; retry")
+            modified = tuple(u for u in uids if mb.modseqs[mb.position(u) or 0] > since)
+            op.result.modified = modified
+            if modified:
+                gone = set(modified)
+                uids = tuple(u for u in uids if u not in gone)
         if not uids:
             return
         if isinstance(op, OpFlags):

@@ -391,7 +391,14 @@ class Transaction:
         remove: int = 0,
         add_keywords: Sequence[str] = (),
         remove_keywords: Sequence[str] = (),
+        unchanged_since: int | None = None,
     ) -> Change:
+        """Add and remove flags/keywords of `uids` (UIDs that do not exist are ignored).
+
+        With `unchanged_since` (CONDSTORE), messages whose MODSEQ is above it are left alone and
+        listed in `Change.modified`; the check is made when the transaction is encoded, so no
+        concurrent change slips between check and write (a pending change of the same mailbox
+        makes the commit raise `Conflict`: settle and retry)."""
         c = Change()
         self._ops.append(
             OpFlags(
@@ -402,6 +409,7 @@ class Transaction:
                 tuple(add_keywords),
                 tuple(remove_keywords),
                 c,
+                unchanged_since,
             )
         )
         return c
