@@ -84,8 +84,11 @@ RULES: tuple[Rule, ...] = (
     ),
     Rule(
         f"{PACKAGE}.repl",
-        "repl/ is a sans-IO protocol: sockets live in server/, time is injected",
-        forbid=SANS_IO + _mh("server", "service", "proto", "cli", "admin", "node"),
+        "repl/ is a sans-IO protocol (standard library, crc32c, repl/ only): sockets live in "
+        "server/, time is injected, frames are opaque bytes (no store imports)",
+        forbid=SANS_IO + _mh("server", "service", "proto", "store", "cli", "admin", "node"),
+        stdlib_only=True,
+        allow=("crc32c", *_mh("repl")),
     ),
     Rule(
         f"{PACKAGE}.cluster",
@@ -268,6 +271,9 @@ def test_module_follows_import_rules(path: Path) -> None:
         ("mailharbor.store.log", "import socket\n"),
         ("mailharbor.store.log", "import importlib\nimportlib.import_module('mailharbor.cli')\n"),
         ("mailharbor.repl.protocol", "import asyncio\n"),
+        ("mailharbor.repl.session", "from mailharbor.store import Store\n"),
+        ("mailharbor.repl.wire", "import time\n"),
+        ("mailharbor.repl.wire", "import dnspython\n"),
         ("mailharbor.cluster.decide", "from time import monotonic\n"),
         (
             "mailharbor.cluster.decide",
@@ -301,6 +307,7 @@ def test_checker_reports_violation(module: str, source: str) -> None:
         ("mailharbor.cli.serve_cmd", "from mailharbor.node import Node\n"),
         ("mailharbor.server.smtp", "import asyncio\nfrom mailharbor.proto import smtp\n"),
         ("mailharbor.service.delivery", "from mailharbor.store import Store\n"),
+        ("mailharbor.repl.wire", "import crc32c\nimport hmac\nfrom .state import Role\n"),
     ],
 )
 def test_checker_accepts_allowed_import(module: str, source: str) -> None:

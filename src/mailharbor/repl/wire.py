@@ -1,0 +1,838 @@
+"""The peer wire protocol: versioned, length-prefixed, checksummed and authenticated messages.
+
+Theory of operation
+-------------------
+A message is a fixed 36-byte header, a body of ``length`` bytes and, once the handshake has
+derived session keys, a 32-byte HMAC-SHA256 tag::
+
+    magic "MHRP" | version u8 | type u8 | flags u16 | length u32 | term u64 | seq u64
+    | body CRC32C u32 | header CRC32C u32   (then the body, then the tag when flags & MAC)
+
+All integers are little-endian. ``term`` is the sender's current term (the witness lease number;
+generations in store frames are terms too). ``seq`` counts the sender's messages on this link
+from 0. The header CRC covers the 32 bytes before it, so a corrupted length is caught before the
+decoder waits for a body that never comes; the body CRC covers the body.
+
+Authentication (see :func:`auth_mac` and :func:`session_keys`): both ends send HELLO (node id,
+a fresh 32-byte nonce, the range of protocol versions they speak, the hash of the cluster
+settings). Each then sends AUTH, an HMAC-SHA256 under the pair's shared secret over a label,
+*sender id, receiver id, sender nonce, receiver nonce*, both settings hashes and both version
+ranges. The verifier's own fresh nonce is inside the MAC, so a recorded AUTH cannot be replayed
+to it; ids are ordered sender-first, so an AUTH reflected back to its sender does not verify.
+After both AUTHs, every message in each direction carries an HMAC tag under a per-direction key
+derived from the secret and both nonces: frames cannot be forged, nor replayed from another
+session (another key) or within the session (``seq`` is in the MAC and must be the next one).
+
+Invariants:
+
+* **The decoder never raises anything but** :class:`WireError` subclasses, whatever the bytes,
+  and after one error it stays failed (the link must be dropped).
+* **Bounded memory**: a header announcing a body over ``max_message_size`` is refused before the
+  body is read; the input buffer holds at most one message plus what the adapter fed at once.
+* A message is returned only whole, with both CRCs right, its ``seq`` the next expected, its
+  MAC right (when keys are set) and its term not below a term the peer already sent.
+* Error types say what went wrong (corrupt, too large, forged, replayed, stale term, truncated
+  at EOF, unsupported version); each maps to a :class:`RefuseReason` sent in REFUSE with a fixed
+  text. Python exception text never goes on the wire.
+"""
+
+from __future__ import annotations
+
+import enum
+import hashlib
+import hmac
+import struct
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import ClassVar, TypeAlias, TypeVar
+
+import crc32c as _crc32c
+
+from .generations import NODE_ID_LEN, Generation, NodeView
+from .state import DISK_CODES, PROTOCOL_CODES, ROLE_CODES, Protocol
+
+MAGIC = b"MHRP"
+#: Versions of the wire protocol this code speaks (negotiated at the handshake; the header's
+#: version byte is the layout of the header itself and is 1 for every protocol version so far).
+MIN_VERSION = 1
+MAX_VERSION = 1
+HEADER_VERSION = 1
+
+HEADER = struct.Struct("<4sBBHIQQII")
+HEADER_SIZE = HEADER.size  # 36
+MAC_SIZE = 32
+NONCE_SIZE = 32
+HASH_SIZE = 32
+FLAG_MAC = 0x0001
+DEFAULT_MAX_MESSAGE_SIZE = 72 * 1024 * 1024  # a store frame may carry a 64 MiB payload
+NONE64 = 0xFFFF_FFFF_FFFF_FFFF  # "no value" in u64 fields
+MAX_DETAIL = 256
+MAX_HISTORY = 4096
+MAX_DIGEST = 64
+
+_AUTH_LABEL = b"mailharbor-repl-auth-v1\x00"
+_KEY_LABEL = b"mailharbor-repl-key-v1\x00"
+
+
+def crc32c(data: bytes | memoryview) -> int:
+    return int(_crc32c.crc32c(data))
+
+
+# --- errors -----------------------------------------------------------------------------------
+
+
+class RefuseReason(enum.IntEnum):
+    """Why a link is refused or dropped (u16 in REFUSE; the text sent is fixed per reason)."""
+
+    SHUTDOWN = 1
+    VERSION = 2
+    SETTINGS = 3
+    AUTH = 4
+    SAME_NODE = 5
+    UNEXPECTED_PEER = 6
+    PROTOCOL = 7
+    CORRUPT = 8
+    TOO_LARGE = 9
+    FORGED = 10
+    REPLAY = 11
+    STALE_TERM = 12
+    DECISION = 13  # the decision says disconnect (split brain, both primary, ...)
+    TIMEOUT = 14
+    INGEST = 15  # the secondary could not store the frames
+
+
+REFUSE_TEXT: dict[RefuseReason, str] = {
+    RefuseReason.SHUTDOWN: "shutting down",
+    RefuseReason.VERSION: "no common protocol version",
+    RefuseReason.SETTINGS: "cluster settings differ",
+    RefuseReason.AUTH: "authentication failed",
+    RefuseReason.SAME_NODE: "peer has my node id",
+    RefuseReason.UNEXPECTED_PEER: "unexpected peer node id",
+    RefuseReason.PROTOCOL: "protocol violation",
+    RefuseReason.CORRUPT: "corrupt message",
+    RefuseReason.TOO_LARGE: "message too large",
+    RefuseReason.FORGED: "message authentication failed",
+    RefuseReason.REPLAY: "message out of sequence",
+    RefuseReason.STALE_TERM: "stale term",
+    RefuseReason.DECISION: "connection refused by the reconnect decision",
+    RefuseReason.TIMEOUT: "timeout",
+    RefuseReason.INGEST: "frames could not be stored",
+}
+
+
+class WireError(Exception):
+    """Bytes from the peer that cannot be accepted. ``reason`` goes into REFUSE."""
+
+    reason: ClassVar[RefuseReason] = RefuseReason.PROTOCOL
+
+
+class CorruptMessage(WireError):
+    """Bad magic, a CRC mismatch, or a body that does not decode as its type's layout."""
+
+    reason = RefuseReason.CORRUPT
+
+
+class TruncatedMessage(CorruptMessage):
+    """The stream ended inside a message."""
+
+
+class MessageTooLarge(WireError):
+    reason = RefuseReason.TOO_LARGE
+
+
+class UnsupportedVersion(WireError):
+    reason = RefuseReason.VERSION
+
+
+class ForgedMessage(WireError):
+    """A missing or wrong MAC (or a MAC where none is expected)."""
+
+    reason = RefuseReason.FORGED
+
+
+class ReplayedMessage(WireError):
+    """A sequence number other than the next one: replayed, dropped or reordered."""
+
+    reason = RefuseReason.REPLAY
+
+
+class StaleTerm(WireError):
+    """A term below one the peer already used, or frames from a primary of an older term."""
+
+    reason = RefuseReason.STALE_TERM
+
+
+class UnexpectedMessage(WireError):
+    """A well-formed message the session does not accept in its state."""
+
+    reason = RefuseReason.PROTOCOL
+
+
+# --- body helpers -----------------------------------------------------------------------------
+
+
+class _Reader:
+    __slots__ = ("d", "p")
+
+    def __init__(self, d: bytes) -> None:
+        self.d = d
+        self.p = 0
+
+    def take(self, n: int) -> bytes:
+        if n < 0 or self.p + n > len(self.d):
+            raise CorruptMessage("body truncated")
+        b = self.d[self.p : self.p + n]
+        self.p += n
+        return b
+
+    def u8(self) -> int:
+        return self.take(1)[0]
+
+    def u16(self) -> int:
+        return int(struct.unpack("<H", self.take(2))[0])
+
+    def u32(self) -> int:
+        return int(struct.unpack("<I", self.take(4))[0])
+
+    def u64(self) -> int:
+        return int(struct.unpack("<Q", self.take(8))[0])
+
+    def opt64(self) -> int | None:
+        v = self.u64()
+        return None if v == NONE64 else v
+
+    def text(self) -> str:
+        n = self.u16()
+        if n > MAX_DETAIL:
+            raise CorruptMessage("text too long")
+        try:
+            return self.take(n).decode("utf-8")
+        except UnicodeDecodeError:
+            raise CorruptMessage("text is not UTF-8") from None
+
+    def end(self) -> None:
+        if self.p != len(self.d):
+            raise CorruptMessage("trailing bytes in body")
+
+
+def _opt64(v: int | None) -> int:
+    return NONE64 if v is None else v
+
+
+def _text(s: str) -> bytes:
+    b = s.encode("utf-8")[:MAX_DETAIL]
+    b = b.decode("utf-8", "ignore").encode("utf-8")
+    return struct.pack("<H", len(b)) + b
+
+
+_E = TypeVar("_E", bound=enum.Enum)
+
+
+def _decode_enum(code: int, table: dict[_E, int]) -> _E:
+    for k, v in table.items():
+        if v == code:
+            return k
+    raise CorruptMessage("unknown enum code")
+
+
+# --- messages ---------------------------------------------------------------------------------
+
+
+class MsgType(enum.IntEnum):
+    HELLO = 1
+    AUTH = 2
+    STATE = 3
+    FRAMES = 4
+    ACK = 5
+    RESYNC_REQUEST = 6
+    SYNC_DONE = 7
+    BRANCH_END = 8
+    VERIFY_REQUEST = 9
+    VERIFY_DIGEST = 10
+    PING = 11
+    PONG = 12
+    REFUSE = 13
+
+
+@dataclass(frozen=True, slots=True)
+class Hello:
+    TYPE: ClassVar[MsgType] = MsgType.HELLO
+    node_id: bytes
+    nonce: bytes
+    min_version: int
+    max_version: int
+    settings_hash: bytes
+
+    def encode(self) -> bytes:
+        if len(self.node_id) != NODE_ID_LEN or len(self.nonce) != NONCE_SIZE:
+            raise ValueError("bad HELLO field length")
+        if len(self.settings_hash) != HASH_SIZE:
+            raise ValueError("bad HELLO field length")
+        return (
+            self.node_id
+            + self.nonce
+            + struct.pack("<HH", self.min_version, self.max_version)
+            + self.settings_hash
+        )
+
+    @classmethod
+    def decode(cls, r: _Reader) -> Hello:
+        return cls(r.take(NODE_ID_LEN), r.take(NONCE_SIZE), r.u16(), r.u16(), r.take(HASH_SIZE))
+
+
+@dataclass(frozen=True, slots=True)
+class Auth:
+    TYPE: ClassVar[MsgType] = MsgType.AUTH
+    mac: bytes
+
+    def encode(self) -> bytes:
+        if len(self.mac) != MAC_SIZE:
+            raise ValueError("bad AUTH length")
+        return self.mac
+
+    @classmethod
+    def decode(cls, r: _Reader) -> Auth:
+        return cls(r.take(MAC_SIZE))
+
+
+_GEN = struct.Struct("<QQ16sQQ")
+
+
+@dataclass(frozen=True, slots=True)
+class State:
+    """The state exchange (and later updates: ``update`` set): a :class:`NodeView` plus the
+    protocol the sender runs."""
+
+    TYPE: ClassVar[MsgType] = MsgType.STATE
+    view: NodeView
+    protocol: Protocol
+    update: bool = False
+
+    def encode(self) -> bytes:
+        v = self.view
+        if len(v.history) > MAX_HISTORY:
+            raise ValueError("history too long")
+        flags = (1 if v.discard_my_data else 0) | (2 if self.update else 0)
+        parts = [
+            v.node_id,
+            struct.pack(
+                "<BBBBQQI",
+                ROLE_CODES[v.role],
+                DISK_CODES[v.disk],
+                PROTOCOL_CODES[self.protocol],
+                flags,
+                v.last_lsn,
+                v.first_retained_lsn,
+                len(v.history),
+            ),
+        ]
+        for g in v.history:
+            parts.append(
+                _GEN.pack(
+                    g.number,
+                    g.first_lsn,
+                    g.origin,
+                    _opt64(g.mirrored_from),
+                    _opt64(g.mirrored_until),
+                )
+            )
+        return b"".join(parts)
+
+    @classmethod
+    def decode(cls, r: _Reader) -> State:
+        node = r.take(NODE_ID_LEN)
+        role = _decode_enum(r.u8(), ROLE_CODES)
+        disk = _decode_enum(r.u8(), DISK_CODES)
+        proto = _decode_enum(r.u8(), PROTOCOL_CODES)
+        flags, last, retained, n = r.u8(), r.u64(), r.u64(), r.u32()
+        if n > MAX_HISTORY:
+            raise CorruptMessage("history too long")
+        hist = []
+        for _ in range(n):
+            num, first, origin, mf, mu = _GEN.unpack(r.take(_GEN.size))
+            hist.append(
+                Generation(
+                    num, first, origin, None if mf == NONE64 else mf, None if mu == NONE64 else mu
+                )
+            )
+        view = NodeView(node, role, disk, tuple(hist), last, retained, bool(flags & 1))
+        return cls(view, proto, bool(flags & 2))
+
+
+class FramesPurpose(enum.IntEnum):
+    LIVE = 1  # the primary's new frames, as appended
+    RESYNC = 2  # catch-up from the log
+    BRANCH = 3  # a split-brain loser's divergent branch, for the merge
+
+
+@dataclass(frozen=True, slots=True)
+class Frames:
+    """A batch of store frames (``MHTX`` …, byte for byte) with consecutive LSNs."""
+
+    TYPE: ClassVar[MsgType] = MsgType.FRAMES
+    first_lsn: int
+    purpose: FramesPurpose
+    frames: tuple[bytes, ...]
+
+    def encode(self) -> bytes:
+        parts = [struct.pack("<QBI", self.first_lsn, self.purpose, len(self.frames))]
+        for f in self.frames:
+            parts.append(struct.pack("<I", len(f)))
+            parts.append(f)
+        return b"".join(parts)
+
+    @classmethod
+    def decode(cls, r: _Reader) -> Frames:
+        first, purpose, n = r.u64(), r.u8(), r.u32()
+        try:
+            p = FramesPurpose(purpose)
+        except ValueError:
+            raise CorruptMessage("unknown frames purpose") from None
+        if n > len(r.d):
+            raise CorruptMessage("frame count out of range")
+        return cls(first, p, tuple(r.take(r.u32()) for _ in range(n)))
+
+
+@dataclass(frozen=True, slots=True)
+class Ack:
+    """The secondary's progress: frames received (protocol B acks on this) and durable (C)."""
+
+    TYPE: ClassVar[MsgType] = MsgType.ACK
+    received_lsn: int
+    durable_lsn: int
+
+    def encode(self) -> bytes:
+        return struct.pack("<QQ", self.received_lsn, self.durable_lsn)
+
+    @classmethod
+    def decode(cls, r: _Reader) -> Ack:
+        return cls(r.u64(), r.u64())
+
+
+@dataclass(frozen=True, slots=True)
+class ResyncRequest:
+    """A sync target asks for frames from ``from_lsn`` (resumable: its next missing LSN) up to
+    ``to_lsn`` (None: up to the live stream)."""
+
+    TYPE: ClassVar[MsgType] = MsgType.RESYNC_REQUEST
+    from_lsn: int
+    to_lsn: int | None = None
+
+    def encode(self) -> bytes:
+        return struct.pack("<QQ", self.from_lsn, _opt64(self.to_lsn))
+
+    @classmethod
+    def decode(cls, r: _Reader) -> ResyncRequest:
+        return cls(r.u64(), r.opt64())
+
+
+@dataclass(frozen=True, slots=True)
+class SyncDone:
+    """The source has sent every frame up to ``last_lsn`` from its log; what follows is live."""
+
+    TYPE: ClassVar[MsgType] = MsgType.SYNC_DONE
+    last_lsn: int
+
+    def encode(self) -> bytes:
+        return struct.pack("<Q", self.last_lsn)
+
+    @classmethod
+    def decode(cls, r: _Reader) -> SyncDone:
+        return cls(r.u64())
+
+
+@dataclass(frozen=True, slots=True)
+class BranchEnd:
+    """The split-brain loser has shipped its whole branch (up to ``last_lsn``)."""
+
+    TYPE: ClassVar[MsgType] = MsgType.BRANCH_END
+    last_lsn: int
+
+    def encode(self) -> bytes:
+        return struct.pack("<Q", self.last_lsn)
+
+    @classmethod
+    def decode(cls, r: _Reader) -> BranchEnd:
+        return cls(r.u64())
+
+
+@dataclass(frozen=True, slots=True)
+class VerifyRequest:
+    TYPE: ClassVar[MsgType] = MsgType.VERIFY_REQUEST
+    first_lsn: int
+    last_lsn: int
+
+    def encode(self) -> bytes:
+        return struct.pack("<QQ", self.first_lsn, self.last_lsn)
+
+    @classmethod
+    def decode(cls, r: _Reader) -> VerifyRequest:
+        return cls(r.u64(), r.u64())
+
+
+@dataclass(frozen=True, slots=True)
+class VerifyDigest:
+    """The digest of the logical records in an LSN range (empty: the range is not available)."""
+
+    TYPE: ClassVar[MsgType] = MsgType.VERIFY_DIGEST
+    first_lsn: int
+    last_lsn: int
+    digest: bytes
+
+    def encode(self) -> bytes:
+        if len(self.digest) > MAX_DIGEST:
+            raise ValueError("digest too long")
+        return struct.pack("<QQB", self.first_lsn, self.last_lsn, len(self.digest)) + self.digest
+
+    @classmethod
+    def decode(cls, r: _Reader) -> VerifyDigest:
+        first, last, n = r.u64(), r.u64(), r.u8()
+        if n > MAX_DIGEST:
+            raise CorruptMessage("digest too long")
+        return cls(first, last, r.take(n))
+
+
+@dataclass(frozen=True, slots=True)
+class Ping:
+    TYPE: ClassVar[MsgType] = MsgType.PING
+    token: int
+
+    def encode(self) -> bytes:
+        return struct.pack("<Q", self.token)
+
+    @classmethod
+    def decode(cls, r: _Reader) -> Ping:
+        return cls(r.u64())
+
+
+@dataclass(frozen=True, slots=True)
+class Pong:
+    TYPE: ClassVar[MsgType] = MsgType.PONG
+    token: int
+
+    def encode(self) -> bytes:
+        return struct.pack("<Q", self.token)
+
+    @classmethod
+    def decode(cls, r: _Reader) -> Pong:
+        return cls(r.u64())
+
+
+@dataclass(frozen=True, slots=True)
+class Refuse:
+    """The sender drops the link: a reason code and a fixed text (never exception text)."""
+
+    TYPE: ClassVar[MsgType] = MsgType.REFUSE
+    reason: RefuseReason
+    detail: str = ""
+
+    def encode(self) -> bytes:
+        return struct.pack("<H", self.reason) + _text(self.detail)
+
+    @classmethod
+    def decode(cls, r: _Reader) -> Refuse:
+        code = r.u16()
+        try:
+            reason = RefuseReason(code)
+        except ValueError:
+            reason = RefuseReason.PROTOCOL
+        return cls(reason, r.text())
+
+
+Message: TypeAlias = (
+    Hello
+    | Auth
+    | State
+    | Frames
+    | Ack
+    | ResyncRequest
+    | SyncDone
+    | BranchEnd
+    | VerifyRequest
+    | VerifyDigest
+    | Ping
+    | Pong
+    | Refuse
+)
+
+_DECODERS: dict[int, type[Message]] = {
+    c.TYPE: c
+    for c in (
+        Hello,
+        Auth,
+        State,
+        Frames,
+        Ack,
+        ResyncRequest,
+        SyncDone,
+        BranchEnd,
+        VerifyRequest,
+        VerifyDigest,
+        Ping,
+        Pong,
+        Refuse,
+    )
+}
+
+
+@dataclass(frozen=True, slots=True)
+class Received:
+    """A decoded message with its envelope."""
+
+    message: Message
+    term: int
+    seq: int
+
+
+# --- keys -------------------------------------------------------------------------------------
+
+
+def auth_mac(
+    secret: bytes,
+    *,
+    sender: Hello,
+    receiver: Hello,
+) -> bytes:
+    """The AUTH MAC ``sender`` proves itself with to ``receiver`` (see the module docstring)."""
+    msg = b"".join(
+        [
+            _AUTH_LABEL,
+            sender.node_id,
+            receiver.node_id,
+            sender.nonce,
+            receiver.nonce,
+            sender.settings_hash,
+            receiver.settings_hash,
+            struct.pack(
+                "<HHHH",
+                sender.min_version,
+                sender.max_version,
+                receiver.min_version,
+                receiver.max_version,
+            ),
+        ]
+    )
+    return hmac.new(secret, msg, hashlib.sha256).digest()
+
+
+def session_key(secret: bytes, *, sender: Hello, receiver: Hello) -> bytes:
+    """The key of the messages ``sender`` sends on this session (one per direction)."""
+    msg = b"".join([_KEY_LABEL, sender.node_id, receiver.node_id, sender.nonce, receiver.nonce])
+    return hmac.new(secret, msg, hashlib.sha256).digest()
+
+
+def negotiate_version(a: Hello, b: Hello) -> int | None:
+    """The highest version both speak, or None."""
+    hi = min(a.max_version, b.max_version)
+    lo = max(a.min_version, b.min_version)
+    return hi if hi >= lo else None
+
+
+# --- encoder / decoder ------------------------------------------------------------------------
+
+
+class MessageEncoder:
+    """Encodes this side's messages: numbers them and, once a key is set, MACs them."""
+
+    def __init__(self) -> None:
+        self.seq = 0
+        self._key: bytes | None = None
+
+    def set_key(self, key: bytes) -> None:
+        self._key = key
+
+    def encode(self, msg: Message, term: int) -> bytes:
+        body = msg.encode()
+        flags = FLAG_MAC if self._key is not None else 0
+        head = HEADER.pack(
+            MAGIC, HEADER_VERSION, msg.TYPE, flags, len(body), term, self.seq, crc32c(body), 0
+        )[:-4]
+        head += struct.pack("<I", crc32c(head))
+        self.seq += 1
+        if self._key is None:
+            return head + body
+        return head + body + hmac.new(self._key, head + body, hashlib.sha256).digest()
+
+
+class MessageDecoder:
+    """Incremental, bounded decoder of the peer's messages.
+
+    ``receive_data(bytes)`` buffers; ``next_message()`` returns one :class:`Received` or None
+    (need more bytes) and raises a :class:`WireError` on bad input — after which every call
+    raises it again. ``receive_eof()`` then ``next_message()`` raises TruncatedMessage if the
+    stream ended inside a message.
+    """
+
+    def __init__(self, max_message_size: int = DEFAULT_MAX_MESSAGE_SIZE) -> None:
+        if max_message_size < 64:
+            raise ValueError("max_message_size too small")
+        self.max_message_size = max_message_size
+        self._buf = bytearray()
+        self._key: bytes | None = None
+        self._seq = 0
+        self._term = 0
+        self._eof = False
+        self._failed: WireError | None = None
+
+    @property
+    def peer_term(self) -> int:
+        """The highest term the peer has sent."""
+        return self._term
+
+    @property
+    def buffered(self) -> int:
+        return len(self._buf)
+
+    def set_key(self, key: bytes) -> None:
+        """From the next message on, require a MAC under ``key``."""
+        self._key = key
+
+    def receive_data(self, data: bytes) -> None:
+        if self._eof:
+            return
+        self._buf += data
+
+    def receive_eof(self) -> None:
+        self._eof = True
+
+    def next_message(self) -> Received | None:
+        if self._failed is not None:
+            raise self._failed
+        try:
+            return self._next()
+        except WireError as e:
+            self._failed = e
+            self._buf.clear()
+            raise
+
+    def _next(self) -> Received | None:
+        buf = self._buf
+        if len(buf) < HEADER_SIZE:
+            if self._eof and buf:
+                raise TruncatedMessage("stream ended inside a header")
+            return None
+        if bytes(buf[:4]) != MAGIC:
+            raise CorruptMessage("bad magic")
+        magic, ver, typ, flags, length, term, seq, bcrc, hcrc = HEADER.unpack_from(buf)
+        del magic
+        if hcrc != crc32c(bytes(buf[: HEADER_SIZE - 4])):
+            raise CorruptMessage("header checksum mismatch")
+        if ver != HEADER_VERSION:
+            raise UnsupportedVersion("unknown header version")
+        if length > self.max_message_size:
+            raise MessageTooLarge("message too large")
+        if flags & ~FLAG_MAC:
+            raise CorruptMessage("unknown flags")
+        has_mac = bool(flags & FLAG_MAC)
+        if has_mac != (self._key is not None):
+            raise ForgedMessage("MAC missing" if self._key is not None else "unexpected MAC")
+        total = HEADER_SIZE + length + (MAC_SIZE if has_mac else 0)
+        if len(buf) < total:
+            if self._eof:
+                raise TruncatedMessage("stream ended inside a message")
+            return None
+        raw = bytes(buf[:total])
+        del buf[:total]
+        body = raw[HEADER_SIZE : HEADER_SIZE + length]
+        if crc32c(body) != bcrc:
+            raise CorruptMessage("body checksum mismatch")
+        if self._key is not None:
+            tag = hmac.new(self._key, raw[: HEADER_SIZE + length], hashlib.sha256).digest()
+            if not hmac.compare_digest(tag, raw[HEADER_SIZE + length :]):
+                raise ForgedMessage("bad MAC")
+        if seq != self._seq:
+            raise ReplayedMessage("unexpected sequence number")
+        if term < self._term:
+            raise StaleTerm("term went down")
+        cls = _DECODERS.get(typ)
+        if cls is None:
+            raise CorruptMessage("unknown message type")
+        r = _Reader(body)
+        try:
+            msg = cls.decode(r)
+        except (struct.error, ValueError) as e:
+            raise CorruptMessage("malformed body") from e
+        r.end()
+        self._seq += 1
+        self._term = term
+        return Received(msg, term, seq)
+
+
+# --- store frames -----------------------------------------------------------------------------
+
+#: The store's frame header (mailharbor.store.format, version 1), read here without importing
+#: the store: magic, version, kind, records, payload length, LSN, generation, node, time,
+#: payload CRC, header CRC. A test checks this against the store's own encoder.
+_FRAME = struct.Struct("<4sBBHIQQ16sqII")
+FRAME_HEADER_SIZE = _FRAME.size
+FRAME_MAGIC = b"MHTX"
+
+
+@dataclass(frozen=True, slots=True)
+class FrameInfo:
+    lsn: int
+    generation: int
+    origin: bytes
+    size: int
+
+
+def peek_frame(raw: bytes) -> FrameInfo:
+    """LSN, generation and writer of a store frame; CorruptMessage if its header does not
+    verify or its length disagrees with the header (the payload CRC is the store's check)."""
+    if len(raw) < FRAME_HEADER_SIZE or raw[:4] != FRAME_MAGIC:
+        raise CorruptMessage("not a store frame")
+    _m, _v, _k, _n, plen, lsn, gen, node, _t, _pc, hcrc = _FRAME.unpack_from(raw)
+    if hcrc != crc32c(raw[: FRAME_HEADER_SIZE - 4]):
+        raise CorruptMessage("store frame header checksum mismatch")
+    if len(raw) != FRAME_HEADER_SIZE + plen:
+        raise CorruptMessage("store frame length mismatch")
+    return FrameInfo(lsn, gen, node, len(raw))
+
+
+def frames_size(frames: Sequence[bytes]) -> int:
+    return sum(len(f) for f in frames)
+
+
+__all__ = [
+    "DEFAULT_MAX_MESSAGE_SIZE",
+    "HEADER_SIZE",
+    "MAC_SIZE",
+    "MAX_VERSION",
+    "MIN_VERSION",
+    "NONCE_SIZE",
+    "REFUSE_TEXT",
+    "Ack",
+    "Auth",
+    "BranchEnd",
+    "CorruptMessage",
+    "ForgedMessage",
+    "FrameInfo",
+    "Frames",
+    "FramesPurpose",
+    "Hello",
+    "Message",
+    "MessageDecoder",
+    "MessageEncoder",
+    "MessageTooLarge",
+    "MsgType",
+    "Ping",
+    "Pong",
+    "Received",
+    "Refuse",
+    "RefuseReason",
+    "ReplayedMessage",
+    "ResyncRequest",
+    "StaleTerm",
+    "State",
+    "SyncDone",
+    "TruncatedMessage",
+    "UnexpectedMessage",
+    "UnsupportedVersion",
+    "VerifyDigest",
+    "VerifyRequest",
+    "WireError",
+    "auth_mac",
+    "negotiate_version",
+    "peek_frame",
+    "session_key",
+]
