@@ -19,6 +19,7 @@ from mailharbor.proto.imap import (
     ImapServerConfig,
     ImapServerConnection,
     Request,
+    Sentinel,
     SequenceSet,
     Tagged,
     Untagged,
@@ -85,6 +86,7 @@ class Driver:
             self.max_buffered = max(self.max_buffered, self.conn.buffered)
             if ev is NEED_DATA or ev is PAUSED:  # PAUSED: the responder chose not to answer
                 break
+            assert not isinstance(ev, Sentinel)
             self.events.append(ev)
             if (
                 isinstance(ev, Request) and not ev.answered and not isinstance(ev.command, Idle)
@@ -204,7 +206,7 @@ def test_mutf7_rejects_non_canonical(bad: str) -> None:
         decode_mutf7(bad)
 
 
-@given(st.text(alphabet=st.characters(blacklist_categories=("Cs",))))
+@given(st.text(alphabet=st.characters(exclude_categories=["Cs"])))
 def test_mutf7_round_trip(name: str) -> None:
     encoded = encode_mutf7(name)
     assert encoded.isascii()

@@ -33,7 +33,9 @@ def frame(lsn: int, gen: int = 1, node: bytes = A, size: int = 0) -> bytes:
     )
 
 
-def gen(number: int, first: int, origin: bytes, mf: int | None = None, mu: int | None = None):
+def gen(
+    number: int, first: int, origin: bytes, mf: int | None = None, mu: int | None = None
+) -> Generation:
     return Generation(number, first, origin, mf, mu)
 
 

@@ -13,6 +13,7 @@ from hypothesis import strategies as st
 from mailharbor.repl.generations import (
     Action,
     Branch,
+    Generation,
     HistoryError,
     NodeView,
     Outcome,
@@ -284,7 +285,7 @@ def scenario(draw: st.DrawFn) -> tuple[NodeView, NodeView]:
     with random mirrored ranges, roles, disk states and retention horizons."""
     nodes = (A, B)
     number = 0
-    common: list = []
+    common: list[Generation] = []
     lsn = 0
     for _ in range(draw(st.integers(0, 3))):
         number += draw(st.integers(1, 3))
@@ -297,7 +298,7 @@ def scenario(draw: st.DrawFn) -> tuple[NodeView, NodeView]:
     for me in nodes:
         hist = list(common)
         last = lsn
-        if hist and draw(st.booleans()):
+        if len(hist) > 0 and draw(st.booleans()):
             last += draw(st.integers(1, 4))  # more records of the last common generation
         for _ in range(draw(st.integers(0, 2))):
             n = max(next(numbers), (hist[-1].number + 1) if hist else 1)

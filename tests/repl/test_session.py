@@ -5,6 +5,7 @@ verify, timeouts, and rejection of forged, replayed and stale-term traffic."""
 from __future__ import annotations
 
 import dataclasses
+from typing import Any
 
 import pytest
 from hypothesis import given, settings
@@ -20,7 +21,7 @@ from . import A, B, FakeClock, FakeNode, Link, config, frame, gen, log_of, pair,
 P, SEC = Role.PRIMARY, Role.SECONDARY
 
 
-def in_sync_pair(n: int = 10, **kw: object) -> Link:
+def in_sync_pair(n: int = 10, **kw: Any) -> Link:
     """A primary and an up-to-date secondary holding the same n records."""
     va = view(A, (gen(1, 1, A, 1, None),), n, P)
     vb = view(B, (gen(1, 1, A),), n, SEC)

@@ -70,7 +70,8 @@ class StoreNode:
             return
         self.seen.append(ev)
         if isinstance(ev, S.NeedFrames):
-            out, size = [], 0
+            out: list[bytes] = []
+            size = 0
             for raw in itertools.islice(self.st.read_frames(ev.from_lsn), 10_000):
                 if out and size + len(raw) > ev.max_bytes:
                     break
