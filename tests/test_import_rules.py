@@ -92,9 +92,12 @@ RULES: tuple[Rule, ...] = (
     ),
     Rule(
         f"{PACKAGE}.cluster",
-        "cluster/ is sans-IO (heartbeat, witness, decisions in virtual time); "
-        "its collaborators are injected",
+        "cluster/ is sans-IO (heartbeat, witness, decisions in virtual time): standard library "
+        "(hashlib/hmac for the MACs), cluster/ and repl.state's names only; time and its "
+        "collaborators are injected",
         forbid=SANS_IO + _mh("server", "service", "proto", "store", "cli", "admin", "node"),
+        stdlib_only=True,
+        allow=_mh("cluster", "repl.state"),
     ),
     Rule(
         f"{PACKAGE}.service",

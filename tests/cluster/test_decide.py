@@ -1,0 +1,435 @@
+"""The decision function, scenario by scenario, in virtual time (snapshots built by hand)."""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from mailharbor.cluster.decide import (
+    REASONS,
+    Action,
+    ClusterSnapshot,
+    Command,
+    CommandKind,
+    CommandOutcome,
+    FenceStatus,
+    Me,
+    Monitors,
+    Owner,
+    Peer,
+    Policy,
+    ReplView,
+    Resources,
+    WitnessView,
+    ack_allowed,
+    decide,
+)
+from mailharbor.cluster.heartbeat import PeerState
+from mailharbor.cluster.timing import DEFAULT_TIMING as T
+from mailharbor.repl.state import DiskState, Role
+
+A, B = b"\x0a" * 16, b"\x0b" * 16
+UP = DiskState.UP_TO_DATE
+
+
+def healthy_primary(**kw: object) -> ClusterSnapshot:
+    s = ClusterSnapshot(
+        now=100.0,
+        me=Me(A, Role.PRIMARY, UP, term=5, lease_held=True, resources=Resources.STARTED),
+        peer=Peer(B, PeerState.ALIVE, seen=True, role=Role.SECONDARY, disk=UP, term=5),
+        witness=WitnessView(True, True, Owner.ME),
+        repl=ReplView(connected=True, peer_confirms_writes=True),
+    )
+    return dataclasses.replace(s, **kw)  # type: ignore[arg-type]
+
+
+def healthy_secondary(**kw: object) -> ClusterSnapshot:
+    s = ClusterSnapshot(
+        now=100.0,
+        me=Me(B, Role.SECONDARY, UP, term=5),
+        peer=Peer(
+            A,
+            PeerState.ALIVE,
+            seen=True,
+            role=Role.PRIMARY,
+            disk=UP,
+            term=5,
+            resources_stopped=False,
+        ),
+        witness=WitnessView(True, True, Owner.PEER),
+        repl=ReplView(connected=True, peer_confirms_writes=False),
+    )
+    return dataclasses.replace(s, **kw)  # type: ignore[arg-type]
+
+
+def me(s: ClusterSnapshot, **kw: object) -> ClusterSnapshot:
+    return dataclasses.replace(s, me=dataclasses.replace(s.me, **kw))  # type: ignore[arg-type]
+
+
+def peer(s: ClusterSnapshot, **kw: object) -> ClusterSnapshot:
+    return dataclasses.replace(s, peer=dataclasses.replace(s.peer, **kw))  # type: ignore[arg-type]
+
+
+def dead(s: ClusterSnapshot, since: float = 98.0) -> ClusterSnapshot:
+    return peer(s, state=PeerState.DEAD, dead_since=since)
+
+
+def two_node(s: ClusterSnapshot) -> ClusterSnapshot:
+    return dataclasses.replace(
+        s,
+        witness=WitnessView(configured=False, reachable=False, owner=Owner.UNKNOWN),
+        policy=Policy(stonith=True, self_fence=False),
+        me=dataclasses.replace(s.me, lease_held=False),
+    )
+
+
+def check(s: ClusterSnapshot, action: Action, reason: str) -> None:
+    d = decide(s)
+    assert (d.action, d.reason) == (action, reason), d
+
+
+# --- no faults ---------------------------------------------------------------------------------
+
+
+def test_no_faults_no_change() -> None:
+    check(healthy_primary(), Action.STAY, "primary")
+    check(healthy_secondary(), Action.STAY, "peer-primary")
+    assert ack_allowed(healthy_primary())
+    assert not ack_allowed(healthy_secondary())
+
+
+# --- primary dead: fence then promote ----------------------------------------------------------
+
+
+def test_primary_dead_with_witness_take_the_vote_then_promote() -> None:
+    s = dead(healthy_secondary())
+    check(s, Action.ACQUIRE_LEASE, "wait-peer-lease")  # the witness still counts its lease
+    s = dataclasses.replace(s, witness=WitnessView(True, True, Owner.NONE))
+    check(s, Action.ACQUIRE_LEASE, "peer-dead")
+    check(me(s, lease_held=True), Action.PROMOTE, "failover")
+
+
+def test_primary_dead_two_node_fence_then_promote() -> None:
+    s = two_node(dead(healthy_secondary(), since=100.0))
+    check(s, Action.STAY, "fence-delay")  # the secondary waits: the primary shoots first
+    s = dataclasses.replace(s, now=100.0 + T.fence_delay)
+    check(s, Action.FENCE_PEER, "peer-dead")
+    check(peer(s, fence=FenceStatus.RUNNING), Action.STAY, "fencing-peer")
+    check(peer(s, fence=FenceStatus.FENCED_OFF), Action.PROMOTE, "failover")
+
+
+def test_fencing_failed_no_promotion_retry_and_say_why() -> None:
+    s = two_node(dead(healthy_secondary(), since=0.0))
+    f = peer(
+        s, fence=FenceStatus.FAILED, fence_detail="exit 5: peer unreachable", fence_finished=99.5
+    )
+    d = decide(f)
+    assert (d.action, d.reason, d.detail) == (
+        Action.STAY,
+        "fence-failed",
+        "exit 5: peer unreachable",
+    )
+    f = dataclasses.replace(f, now=99.5 + T.fence_retry)
+    check(f, Action.FENCE_PEER, "fence-retry")
+    check(peer(f, fence=FenceStatus.TIMEOUT), Action.FENCE_PEER, "fence-retry")
+    none = Policy(stonith=False, self_fence=False)
+    check(
+        dataclasses.replace(two_node(dead(healthy_secondary())), policy=none),
+        Action.STAY,
+        "no-fencing-method",
+    )
+
+
+def test_clean_shutdown_counts_as_fenced() -> None:
+    s = two_node(peer(dead(healthy_secondary()), clean_shutdown=True))
+    check(s, Action.PROMOTE, "failover")
+
+
+# --- witness lost only -------------------------------------------------------------------------
+
+
+def test_witness_lost_only_changes_no_role() -> None:
+    lost = WitnessView(True, reachable=False, owner=Owner.UNKNOWN)
+    p = dataclasses.replace(me(healthy_primary(), lease_held=False), witness=lost)
+    check(p, Action.STAY, "primary-witness-lost")
+    assert ack_allowed(p)  # every ack waits for the peer's confirmation
+    check(dataclasses.replace(healthy_secondary(), witness=lost), Action.STAY, "peer-primary")
+
+
+# --- both links cut, witness up ----------------------------------------------------------------
+
+
+def test_links_cut_only_the_lease_holder_acknowledges() -> None:
+    cut = ReplView(connected=False, peer_confirms_writes=False)
+    p = dead(dataclasses.replace(healthy_primary(), repl=cut))
+    check(p, Action.OUTDATE_PEER, "peer-lost-outdate")
+    assert not ack_allowed(p)  # frozen until the peer is Outdated
+    p = peer(p, outdated=True)
+    check(p, Action.STAY, "primary-alone")
+    assert ack_allowed(p)
+    s = dead(dataclasses.replace(healthy_secondary(), repl=cut))
+    check(s, Action.ACQUIRE_LEASE, "wait-peer-lease")  # witness answers BUSY, then OUTDATED
+    check(me(s, outdated=True), Action.STAY, "outdated")
+    assert not ack_allowed(s)
+
+
+def test_primary_isolated_from_everyone_demotes() -> None:
+    cut = ReplView(connected=False, peer_confirms_writes=False)
+    p = me(dead(dataclasses.replace(healthy_primary(), repl=cut)), lease_held=False)
+    check(p, Action.DEMOTE, "lease-lost")
+    assert not ack_allowed(p)
+
+
+# --- paused primary resumes --------------------------------------------------------------------
+
+
+def test_paused_primary_on_resume_stops_acking_and_demotes() -> None:
+    # after SIGSTOP past deadtime: the lease (counted from the send) has expired, every link's
+    # last heartbeat is old (peer DEAD), the replication view is stale (still "confirms")
+    p = me(dead(healthy_primary()), lease_held=False)
+    assert not ack_allowed(p)
+    check(p, Action.DEMOTE, "lease-lost")
+    # fresh heartbeats then show the new primary with a newer term
+    p2 = peer(me(healthy_primary(), lease_held=False), role=Role.PRIMARY, term=6)
+    check(p2, Action.DEMOTE, "both-primary")
+
+
+# --- switchover, standby -----------------------------------------------------------------------
+
+
+def test_switchover() -> None:
+    s = dataclasses.replace(healthy_primary(), command=Command(CommandKind.SWITCHOVER))
+    d = decide(s)
+    assert (d.action, d.reason, d.command) == (Action.DEMOTE, "switchover", CommandOutcome.ACCEPTED)
+    # the old primary, demoted and yielding, gives the vote back
+    old = me(healthy_primary(), role=Role.SECONDARY, resources=Resources.STOPPED, standby=True)
+    check(old, Action.RELEASE_LEASE, "release-lease")
+    # the other node: peer secondary, standby (yielding), stopped
+    t = peer(healthy_secondary(), role=Role.SECONDARY, standby=True, resources_stopped=True)
+    t = dataclasses.replace(t, repl=ReplView(True, False))
+    check(t, Action.STAY, "lease-held-by-peer")
+    t = dataclasses.replace(t, witness=WitnessView(True, True, Owner.NONE))
+    check(t, Action.ACQUIRE_LEASE, "acquire-lease")
+    check(me(t, lease_held=True), Action.PROMOTE, "takeover")
+
+
+@pytest.mark.parametrize(
+    ("change", "reason"),
+    [
+        ({"peer": {"state": PeerState.DEAD}}, "switchover-peer-down"),
+        ({"peer": {"standby": True}}, "switchover-peer-standby"),
+        ({"peer": {"disk": DiskState.INCONSISTENT}}, "switchover-peer-not-in-sync"),
+        ({"repl": ReplView(True, False)}, "switchover-peer-not-in-sync"),
+        ({"witness": WitnessView(True, False)}, "switchover-no-witness"),
+        (
+            {"me": {"role": Role.SECONDARY, "resources": Resources.STOPPED}},
+            "switchover-not-primary",
+        ),
+    ],
+)
+def test_switchover_refused(change: dict[str, object], reason: str) -> None:
+    s = dataclasses.replace(healthy_primary(), command=Command(CommandKind.SWITCHOVER))
+    for k, v in change.items():
+        if isinstance(v, dict):
+            s = me(s, **v) if k == "me" else peer(s, **v)
+        else:
+            s = dataclasses.replace(s, **{k: v})  # type: ignore[arg-type]
+    d = decide(s)
+    assert (d.action, d.reason, d.command) == (Action.REFUSE, reason, CommandOutcome.REFUSED)
+
+
+def test_standby_and_unstandby() -> None:
+    s = dataclasses.replace(healthy_primary(), command=Command(CommandKind.STANDBY))
+    check(s, Action.DEMOTE, "standby")
+    check(dead(s), Action.REFUSE, "standby-no-takeover")
+    forced = dataclasses.replace(dead(s), command=Command(CommandKind.STANDBY, force=True))
+    check(forced, Action.DEMOTE, "standby")
+    check(me(healthy_primary(), standby=True), Action.DEMOTE, "standby")
+    sec = me(healthy_secondary(), standby=True)
+    check(dead(sec), Action.STAY, "standby")  # a standby node never takes over
+    un = dataclasses.replace(sec, command=Command(CommandKind.UNSTANDBY))
+    d = decide(un)
+    assert (d.action, d.reason, d.command) == (Action.STAY, "unstandby", CommandOutcome.ACCEPTED)
+    on_peer = dataclasses.replace(sec, command=Command(CommandKind.STANDBY, on_peer=True))
+    check(on_peer, Action.REFUSE, "forward-to-peer")
+
+
+def test_fence_command() -> None:
+    s = dataclasses.replace(
+        two_node(healthy_secondary()), command=Command(CommandKind.FENCE, on_peer=True)
+    )
+    check(s, Action.FENCE_PEER, "fence-requested")
+    check(peer(s, fence=FenceStatus.RUNNING), Action.REFUSE, "fence-in-progress")
+    check(dataclasses.replace(s, command=Command(CommandKind.FENCE)), Action.REFUSE, "fence-self")
+    check(
+        dataclasses.replace(healthy_secondary(), command=s.command), Action.REFUSE, "no-fence-agent"
+    )
+
+
+# --- two-node mode: wait for all, fence race ---------------------------------------------------
+
+
+def test_two_node_waits_for_both_at_first_start() -> None:
+    s = two_node(me(healthy_secondary(), term=0))
+    s = peer(s, state=PeerState.DEAD, seen=False, role=None, disk=None)
+    check(s, Action.STAY, "wait-for-all")
+    # with a witness: initdead, then the vote decides
+    w = peer(me(healthy_secondary(), term=0), state=PeerState.UNKNOWN, seen=False, role=None)
+    check(w, Action.STAY, "initdead")
+
+
+def test_two_node_fence_race_settled_by_delay() -> None:
+    # both links cut; both alive. The primary shoots at once, the secondary waits.
+    p = two_node(dead(healthy_primary(), since=100.0))
+    p = dataclasses.replace(p, repl=ReplView(False, False))
+    check(p, Action.FENCE_PEER, "peer-lost-fence")
+    assert not ack_allowed(p)  # writes frozen until the peer is fenced
+    assert ack_allowed(peer(p, fence=FenceStatus.FENCED_OFF))
+    s = two_node(dead(healthy_secondary(), since=100.0))
+    check(s, Action.STAY, "fence-delay")
+
+
+# --- failback, start, monitors -----------------------------------------------------------------
+
+
+def test_no_automatic_failback() -> None:
+    # the old primary came back as secondary while its peer serves
+    check(peer(healthy_secondary(), term=9), Action.STAY, "peer-primary")
+
+
+def test_cluster_start_both_secondary_one_takes_over() -> None:
+    def start(node: bytes, other: bytes) -> ClusterSnapshot:
+        return ClusterSnapshot(
+            now=5.0,
+            me=Me(node, Role.SECONDARY, UP),
+            peer=Peer(other, PeerState.ALIVE, seen=True, role=Role.SECONDARY, disk=UP),
+            witness=WitnessView(True, True, Owner.NONE),
+            repl=ReplView(connected=True),
+        )
+
+    check(start(A, B), Action.ACQUIRE_LEASE, "acquire-lease")  # lower id favoured
+    check(start(B, A), Action.STAY, "peer-preferred")
+    check(peer(start(B, A), disk=DiskState.OUTDATED), Action.ACQUIRE_LEASE, "acquire-lease")
+    check(me(start(A, B), disk=DiskState.INCONSISTENT), Action.STAY, "not-uptodate")
+    no_repl = dataclasses.replace(start(A, B), repl=ReplView(False, False))
+    check(no_repl, Action.STAY, "repl-not-connected")
+    check(peer(start(A, B), resources_stopped=False), Action.STAY, "peer-stopping")
+    check(me(start(A, B), lease_held=True), Action.PROMOTE, "takeover")
+
+
+def test_new_primary_starts_resources_then_serves() -> None:
+    p = me(healthy_primary(), resources=Resources.STOPPED)
+    check(p, Action.START_RESOURCES, "start-resources")
+    assert not ack_allowed(p)
+    check(me(p, resources=Resources.STARTING), Action.STAY, "starting")
+    check(me(p, resources=Resources.STOPPING), Action.STAY, "demoting")
+
+
+def test_monitors() -> None:
+    err = dataclasses.replace(healthy_primary(), monitors=Monitors(store_error=True))
+    check(err, Action.DEMOTE, "store-error")
+    assert not ack_allowed(err)
+    failed = dataclasses.replace(healthy_primary(), monitors=Monitors(resource_failed=True))
+    check(failed, Action.DEMOTE, "resource-failed")
+    check(dead(failed), Action.OUTDATE_PEER, "peer-lost-outdate")
+    check(peer(dead(failed), outdated=True), Action.STAY, "resource-failed-no-takeover")
+    sec = dataclasses.replace(dead(healthy_secondary()), monitors=Monitors(store_error=True))
+    check(sec, Action.STAY, "store-error")
+    check(me(sec, lease_held=True), Action.RELEASE_LEASE, "release-lease")
+
+
+def test_stop_overrun_self_fences_and_secondary_stops_strays() -> None:
+    check(
+        me(healthy_primary(), stop_overdue=True, resources=Resources.STOPPING),
+        Action.SELF_FENCE,
+        "stop-timeout",
+    )
+    check(
+        me(healthy_secondary(), resources=Resources.STARTED),
+        Action.STOP_RESOURCES,
+        "secondary-resources-running",
+    )
+
+
+def test_peer_in_sync_again_clears_its_outdated_mark() -> None:
+    check(peer(healthy_primary(), outdated=True), Action.CLEAR_PEER_OUTDATED, "peer-in-sync-clear")
+
+
+# --- totality ----------------------------------------------------------------------------------
+
+_snapshots = st.builds(
+    ClusterSnapshot,
+    now=st.floats(0, 1000),
+    me=st.builds(
+        Me,
+        st.just(A),
+        st.sampled_from(list(Role)),
+        st.sampled_from(list(DiskState)),
+        st.integers(0, 3),
+        st.integers(0, 3),
+        st.booleans(),
+        st.booleans(),
+        st.sampled_from(list(Resources)),
+        st.booleans(),
+        st.booleans(),
+    ),
+    peer=st.builds(
+        Peer,
+        st.just(B),
+        st.sampled_from(list(PeerState)),
+        st.just(()),
+        st.booleans(),
+        st.none(),
+        st.one_of(st.none(), st.floats(0, 1000)),
+        st.one_of(st.none(), st.sampled_from(list(Role))),
+        st.one_of(st.none(), st.sampled_from(list(DiskState))),
+        st.integers(0, 3),
+        st.booleans(),
+        st.booleans(),
+        st.booleans(),
+        st.booleans(),
+        st.sampled_from(list(FenceStatus)),
+    ),
+    witness=st.builds(WitnessView, st.booleans(), st.booleans(), st.sampled_from(list(Owner))),
+    repl=st.builds(ReplView, st.booleans(), st.booleans()),
+    monitors=st.builds(Monitors, st.booleans(), st.booleans()),
+    policy=st.builds(Policy, st.just(T), st.booleans(), st.booleans()),
+    command=st.one_of(
+        st.none(),
+        st.builds(Command, st.sampled_from(list(CommandKind)), st.booleans(), st.booleans()),
+    ),
+)
+
+
+@given(_snapshots)
+def test_decide_is_total_and_safe(s: ClusterSnapshot) -> None:
+    d = decide(s)
+    assert d.reason in REASONS
+    if d.action is not Action.SELF_FENCE:  # self-fence goes first; a command waits
+        assert (d.command is CommandOutcome.NONE) == (s.command is None)
+    if d.action is Action.PROMOTE:
+        assert s.me.role is Role.SECONDARY and s.me.disk is UP and not s.me.outdated
+        assert not s.witness.configured or s.me.lease_held
+        fenced = (
+            s.peer.clean_shutdown
+            or s.peer.fence is FenceStatus.FENCED_OFF
+            or (s.witness.configured and s.me.lease_held)
+        )
+        assert fenced or (s.peer.state is PeerState.ALIVE and s.peer.resources_stopped)
+    if ack_allowed(s):
+        assert s.me.role is Role.PRIMARY and s.me.resources is Resources.STARTED
+        assert (
+            s.me.lease_held
+            or (s.repl.peer_confirms_writes and s.peer.state is PeerState.ALIVE)
+            or (not s.witness.configured and s.peer.fence is FenceStatus.FENCED_OFF)
+        )
+
+
+def test_every_reason_is_reachable_in_the_docs() -> None:
+    text = (Path(__file__).resolve().parents[2] / "docs" / "cluster.md").read_text("utf-8")
+    missing = [r for r in REASONS if f"`{r}`" not in text]
+    assert not missing, missing
