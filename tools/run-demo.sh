@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # `make run`: a demo node on loopback. Creates run/demo once (config, data, certificate, a demo
 # domain and account with a generated password), prints what a user needs, then serves in the
-# foreground until Ctrl-C. Today that is one node with its store, its SMTP listeners on
-# loopback and its admin socket; IMAP/POP3, the peer and the witness join as their issues land.
+# foreground until Ctrl-C. Today that is one node with its store, its SMTP, IMAP and POP3
+# listeners on loopback and its admin socket; the peer and the witness join as their issues land.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 BIN=.venv/bin
@@ -59,7 +59,7 @@ cat <<INFO
                  openssl s_client -quiet -connect 127.0.0.1:$POP3S_PORT   (then USER/PASS/LIST/RETR)
   try:           $BIN/mailharbor status --config $CFG
                  $BIN/mailharbor account list --config $CFG
-  (IMAP/POP3, the peer node and the witness arrive with their issues)
+  (the peer node and the witness arrive with the replication and cluster issues)
   Ctrl-C stops the node.
 
 INFO
