@@ -17,6 +17,7 @@ from mailharbor.store.store import (
     CommitEvent,
     CompactReport,
     CorruptLog,
+    CutReport,
     DurabilityBarrier,
     RecoveryReport,
     Store,
@@ -31,6 +32,7 @@ from mailharbor.store.store import (
     normalize_address,
     normalize_domain,
     open_store,
+    read_quarantine,
 )
 
 __all__ = [
@@ -41,6 +43,7 @@ __all__ = [
     "CompactReport",
     "Conflict",
     "CorruptLog",
+    "CutReport",
     "Delivery",
     "DurabilityBarrier",
     "InvalidArgument",
@@ -59,4 +62,5 @@ __all__ = [
     "normalize_address",
     "normalize_domain",
     "open_store",
+    "read_quarantine",
 ]

@@ -15,7 +15,9 @@ to the new offsets. A crash leaves either the old or the new segment, both valid
 record each segment's rewrite counter, so one taken before a rewrite is never trusted after it
 (open falls back to a full replay); compaction ends by writing a fresh checkpoint.
 
-Only the active segment is never compacted. The caller has settled all pending commits.
+Only the active segment is never compacted, nor any frame with LSN >= `Store.retain_from` (what
+the replication peer has not acknowledged yet: it may still have to be shipped as written). The
+caller has settled all pending commits.
 """
 
 from __future__ import annotations
@@ -76,6 +78,7 @@ def compact_store(st: Store) -> CompactReport:
                 out.append(fr.raw)
                 pos += len(fr.raw)
                 continue
+            retained = fr.header.lsn >= st.retain_from
             new_parts: list[bytes] = []
             changed = False
             new_off = 0
@@ -96,8 +99,9 @@ def compact_store(st: Store) -> CompactReport:
                     new_off += len(rec_bytes)
                     continue
                 data_off = fr.payload_offset + off + head_len
-                # Tiny dead data is kept: its RECLAIMED record would not be smaller.
-                if (segno, data_off) in live or ln <= head_len + _RECLAIMED_OVERHEAD:
+                # Tiny dead data is kept: its RECLAIMED record would not be smaller. Frames the
+                # peer has not acknowledged (LSN >= retain_from) are kept whole.
+                if retained or (segno, data_off) in live or ln <= head_len + _RECLAIMED_OVERHEAD:
                     pending_moves.append((data_off, new_off + fmt.RECORD_HEADER_SIZE + head_len))
                     rec_bytes = fmt.encode_records([fmt.decode_record(typ, body)])
                 else:

@@ -19,13 +19,38 @@ wait until nothing is pending, validate, append, and hold new commits back until
 Message changes (deliveries, flags, expunges, queue) validate against the durable index plus the
 allocation counters and never wait for each other.
 
+Replication support (see docs/store.md, "Replication API"): `read_frames` ships frames byte
+for byte (visible ones, or with `durable=True` also those fsynced but still held by the durability
+barrier); `ingest` appends a peer's frames (HOLE frames included) byte for byte; `cut_tail` is the
+one exception to append-only; `logical_digest` is what verify compares; `begin_generation`,
+`generations()`, `retain_from`/`first_retained_lsn` and the opaque `<data>/repl/meta` serve the
+replication layer's generations and retention.
+
+The cut (`cut_tail`) is made crash-safe by an intent: the quarantine file (the cut frames verbatim)
+is made durable first, then `<data>/log/CUT-INTENT` (written atomically) names the cut position,
+then segments after it are removed, the containing one truncated, checkpoints beyond the cut
+deleted, and finally the intent is removed. `Store.open` redoes a cut whose intent it finds before
+it looks at segments or checkpoints, so after a crash the log holds either the whole tail (no
+intent yet) or exactly the cut state (intent found and redone) — never half.
+
 Invariants:
 * only frames with LSN <= the durable LSN are ever applied; a torn or corrupt frame never is;
 * UIDs and MODSEQs are allocated at encode time in LSN order, so they ascend in the log;
 * `os.fsync`/`os.replace`/dir fsync happen only through `fsio`;
 * after any I/O error on the log the store is in state ERROR: no further writes, pending commits
   fail, nothing unsynced is ever reported durable; reopening recovers from what is on disk;
-* one process per data directory (an exclusive lock on `<data>/LOCK`).
+* one process per data directory (an exclusive lock on `<data>/LOCK`);
+* the log only grows at its end, except through `cut_tail`, which runs with nothing pending and no
+  blob writer streaming, and whose intent is redone at open before anything reads the log;
+* no checkpoint whose LSN is above the end of the log survives a cut (they are deleted before the
+  intent is removed), so a checkpoint never describes frames the log no longer holds;
+* generations never decrease along the log for ingested frames, and `Store.generation` never
+  decreases while open nor across a reopen once `begin_generation` returned (it is persisted in
+  `<data>/repl/generation`); the generation history is derived state: rebuilt by replay, kept in
+  checkpoints (format version 2), cut back with the log;
+* compaction never rewrites a frame with LSN >= `retain_from`; frames below it may carry
+  RECLAIMED records but keep their LSN, generation, writer, time and record count, so their
+  logical digest is unchanged.
 """
 
 from __future__ import annotations
@@ -88,6 +113,13 @@ log = logging.getLogger("mailharbor.store")
 LOG_DIR = "log"
 CHECKPOINT_DIR = "checkpoints"
 CHECKPOINTS_KEPT = 2
+CHECKPOINT_VERSION = 2  # 2: the generation history follows the segment list
+REPL_DIR = "repl"  # node-local replication state: `meta` (opaque, the adapter's), `generation`
+REPL_META = "meta"
+GENERATION_FILE = "generation"
+CUT_INTENT = "CUT-INTENT"  # in the log directory while a cut is being applied
+NO_RETENTION = 1 << 63
+"""The default `Store.retain_from`: no peer to retain anything for."""
 
 _DOMAIN_RE = re.compile(
     r"^(?=.{1,253}$)([a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?)(\.[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?)*$"
@@ -112,6 +144,10 @@ class StoreIOError(StoreError):
 
 class CorruptLog(StoreError):
     """A bad frame with valid data after it: read-write open refuses; run `store fsck`."""
+
+
+class CutIntentError(CorruptLog):
+    """The cut intent file is unreadable (it is written atomically, so this is damage)."""
 
 
 class StoreState(Enum):
@@ -152,6 +188,7 @@ class RecoveryReport:
     torn_tail: TornTail | None
     checkpoint_rejected: str
     seconds: float
+    cut_redone: str = ""  # a cut interrupted by a crash and finished by this open
 
 
 @dataclass(frozen=True, slots=True)
@@ -596,6 +633,10 @@ class _Overlay:
 _CKPT_HEAD = struct.Struct("<8sHI")  # magic, version, crc32c of the rest
 _CKPT_POS = struct.Struct("<QQIQI")  # lsn, generation, segno, offset, nsegs
 _CKPT_SEG = struct.Struct("<IHQ")  # segno, rewrites, size at checkpoint time (sealed) or 0
+_CKPT_GEN = struct.Struct("<QQ16s")  # generation, first LSN, writer node (version 2)
+
+GenEntry = tuple[int, int, bytes]
+"""One entry of the generation history: (generation, first LSN, writer node)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -608,14 +649,16 @@ class CheckpointInfo:
     offset: int
     segments: tuple[tuple[int, int], ...]
     body: bytes
+    history: tuple[GenEntry, ...] = ()
 
 
 def parse_checkpoint(data: bytes) -> CheckpointInfo:
-    """Verify and split a checkpoint file. Raises FormatError."""
+    """Verify and split a checkpoint file. Raises FormatError (also for a checkpoint of an
+    older version: it is simply not used, open replays the log instead)."""
     if len(data) < _CKPT_HEAD.size + _CKPT_POS.size:
         raise fmt.FormatError("checkpoint truncated")
     magic, ver, crc = _CKPT_HEAD.unpack_from(data)
-    if magic != fmt.CHECKPOINT_MAGIC or ver != fmt.FORMAT_VERSION:
+    if magic != fmt.CHECKPOINT_MAGIC or ver != CHECKPOINT_VERSION:
         raise fmt.FormatError("not a checkpoint of this format version")
     rest = data[_CKPT_HEAD.size :]
     if fmt.crc32c(rest) != crc:
@@ -629,7 +672,184 @@ def parse_checkpoint(data: bytes) -> CheckpointInfo:
         s, rewrites, _size = _CKPT_SEG.unpack_from(rest, p)
         p += _CKPT_SEG.size
         segs.append((s, rewrites))
-    return CheckpointInfo(lsn, segno, off, tuple(segs), rest[p:])
+    if p + 4 > len(rest):
+        raise fmt.FormatError("checkpoint truncated")
+    (nhist,) = struct.unpack_from("<I", rest, p)
+    p += 4
+    if p + nhist * _CKPT_GEN.size > len(rest):
+        raise fmt.FormatError("checkpoint truncated")
+    hist: list[GenEntry] = []
+    for _ in range(nhist):
+        g, first, node = _CKPT_GEN.unpack_from(rest, p)
+        p += _CKPT_GEN.size
+        if hist and first <= hist[-1][1]:
+            raise fmt.FormatError("checkpoint generation history out of order")
+        hist.append((g, first, node))
+    return CheckpointInfo(lsn, segno, off, tuple(segs), rest[p:], tuple(hist))
+
+
+# --- replication files: the quarantine, the cut intent, the generation ---------------------------
+
+QUARANTINE_MAGIC = b"MHQUAR\r\n"
+QUARANTINE_VERSION = 1
+_QUAR_HEAD = struct.Struct("<8sHQQQIQ16sqI")
+# magic, version, after LSN, first LSN cut, last LSN cut, frame count, frame bytes, node id,
+# created ms, CRC32C of the preceding bytes; then the frames verbatim.
+
+_CUT_MAGIC = b"MHCUT\r\n\x1a"
+_CUT_VERSION = 1
+_CUT_HEAD = struct.Struct("<8sHQIQIQH")
+# magic, version, after LSN, cut segment, cut offset, last segment, last LSN, path length;
+# then the quarantine path (UTF-8) and a CRC32C of everything before it.
+
+_GEN_MAGIC = b"MHGEN\r\n\x1a"
+_GEN_FILE = struct.Struct("<8sQI")  # magic, generation, CRC32C of the preceding bytes
+
+
+@dataclass(frozen=True, slots=True)
+class CutReport:
+    """What `Store.cut_tail` did."""
+
+    after_lsn: int  # the log now ends here (may be below the requested LSN: see holes)
+    first_lsn: int  # first LSN cut
+    last_lsn: int  # last LSN cut (the log's end before the cut)
+    frames: int
+    bytes: int
+    quarantine_path: str
+    checkpoints_dropped: int
+
+
+@dataclass(frozen=True, slots=True)
+class QuarantineFile:
+    """A parsed quarantine file (see `read_quarantine`)."""
+
+    after_lsn: int
+    first_lsn: int
+    last_lsn: int
+    node_id: bytes
+    created_ms: int
+    frames: tuple[bytes, ...]
+
+
+def read_quarantine(data: bytes) -> QuarantineFile:
+    """Parse and verify a quarantine file's bytes: header CRC, frame count and size, every frame's
+    CRCs, consecutive LSNs. Raises FormatError if anything is missing or damaged."""
+    if len(data) < _QUAR_HEAD.size:
+        raise fmt.FormatError("quarantine file truncated")
+    magic, ver, after, first, last, n, nbytes, node, created, crc = _QUAR_HEAD.unpack_from(data)
+    if magic != QUARANTINE_MAGIC or ver != QUARANTINE_VERSION:
+        raise fmt.FormatError("not a quarantine file of this version")
+    if fmt.crc32c(data[: _QUAR_HEAD.size - 4]) != crc:
+        raise fmt.FormatError("quarantine header checksum mismatch")
+    if len(data) != _QUAR_HEAD.size + nbytes:
+        raise fmt.FormatError(
+            f"quarantine file holds {len(data) - _QUAR_HEAD.size} frame bytes, expected {nbytes}"
+        )
+    frames = []
+    off = _QUAR_HEAD.size
+    lsn = first
+    for _ in range(n):
+        hdr = fmt.decode_frame_header(data[off : off + fmt.FRAME_HEADER_SIZE])
+        end = off + fmt.FRAME_HEADER_SIZE + hdr.payload_len
+        payload = data[off + fmt.FRAME_HEADER_SIZE : end]
+        if end > len(data) or fmt.crc32c(payload) != hdr.payload_crc:
+            raise fmt.FormatError(f"quarantined frame LSN {hdr.lsn} is damaged")
+        if hdr.lsn != lsn:
+            raise fmt.FormatError(f"quarantined frame LSN {hdr.lsn}, expected {lsn}")
+        lsn += _lsn_count(hdr, payload)
+        frames.append(data[off:end])
+        off = end
+    if off != len(data) or lsn != last + 1:
+        raise fmt.FormatError("quarantine file frames do not match its header")
+    return QuarantineFile(after, first, last, node, created, tuple(frames))
+
+
+def _lsn_count(hdr: fmt.FrameHeader, payload: bytes) -> int:
+    if hdr.kind == fmt.FrameKind.HOLE:
+        recs = fmt.decode_records(payload)
+        if recs and isinstance(recs[0], fmt.Hole):
+            return max(1, recs[0].count)
+    return 1
+
+
+@dataclass(frozen=True, slots=True)
+class _CutIntent:
+    after_lsn: int
+    segno: int  # the segment truncated at `offset`; later segments are removed
+    offset: int
+    last_segno: int
+    last_lsn: int
+    quarantine_path: str
+
+    def encode(self) -> bytes:
+        path = self.quarantine_path.encode("utf-8")
+        body = _CUT_HEAD.pack(
+            _CUT_MAGIC,
+            _CUT_VERSION,
+            self.after_lsn,
+            self.segno,
+            self.offset,
+            self.last_segno,
+            self.last_lsn,
+            len(path),
+        )
+        body += path
+        return body + struct.pack("<I", fmt.crc32c(body))
+
+    @classmethod
+    def decode(cls, data: bytes) -> _CutIntent:
+        if len(data) < _CUT_HEAD.size + 4:
+            raise fmt.FormatError("cut intent truncated")
+        magic, ver, after, segno, off, last_seg, last, plen = _CUT_HEAD.unpack_from(data)
+        if magic != _CUT_MAGIC or ver != _CUT_VERSION:
+            raise fmt.FormatError("not a cut intent of this version")
+        if len(data) != _CUT_HEAD.size + plen + 4:
+            raise fmt.FormatError("cut intent has the wrong length")
+        (crc,) = struct.unpack_from("<I", data, len(data) - 4)
+        if fmt.crc32c(data[:-4]) != crc:
+            raise fmt.FormatError("cut intent checksum mismatch")
+        try:
+            path = data[_CUT_HEAD.size : _CUT_HEAD.size + plen].decode("utf-8")
+        except UnicodeDecodeError:
+            raise fmt.FormatError("cut intent path is not UTF-8") from None
+        return cls(after, segno, off, last_seg, last, path)
+
+
+def _checkpoint_name_lsn(name: str) -> int | None:
+    m = re.fullmatch(r"checkpoint-(\d+)\.ckpt", name)
+    return int(m.group(1)) if m else None
+
+
+def _digest_frame(h: hashlib.blake2b, hdr: fmt.FrameHeader, payload: bytes) -> None:
+    """Feed one frame's logical content to `h` (see docs/store.md, "Logical digest")."""
+    if hdr.kind == fmt.FrameKind.HOLE:
+        # Generation, writer, time and reason of a hole are node-local: only the LSNs count.
+        h.update(struct.pack("<QBQ", hdr.lsn, hdr.kind, _lsn_count(hdr, payload)))
+        return
+    h.update(
+        struct.pack(
+            "<QBQ16sqH", hdr.lsn, hdr.kind, hdr.generation, hdr.node_id, hdr.time_ms, hdr.nrecords
+        )
+    )
+    for typ, off, ln in fmt.iter_record_spans(payload):
+        body = payload[off : off + ln]
+        if typ == fmt.RecordType.RECLAIMED:
+            rec = fmt.decode_record(typ, body)
+            assert isinstance(rec, fmt.Reclaimed)
+            part = rec.head + struct.pack("<Q", rec.data_len)
+            typ = rec.original
+        elif typ in fmt.DATA_HEAD_LEN and not (
+            typ == fmt.RecordType.BLOB and int.from_bytes(body[40:44], "little") > 0
+        ):
+            # Bulk data: its head (hash or stream id and index) and its length, never the data,
+            # which compaction may reclaim (content is covered by the blob hash).
+            head_len = fmt.DATA_HEAD_LEN[fmt.RecordType(typ)]
+            part = bytes(body[:head_len]) + struct.pack("<Q", ln - head_len)
+        else:
+            # Canonical re-encoding: compaction re-encodes the records it keeps.
+            part = fmt.encode_records([fmt.decode_record(typ, body)])[fmt.RECORD_HEADER_SIZE :]
+        h.update(struct.pack("<BI", typ, len(part)))
+        h.update(part)
 
 
 class Store:
@@ -651,6 +871,13 @@ class Store:
         self.barrier: DurabilityBarrier | None = None
         self._logdir = os.path.join(data_dir, LOG_DIR)
         self._ckptdir = os.path.join(data_dir, CHECKPOINT_DIR)
+        self._repldir = os.path.join(data_dir, REPL_DIR)
+        self.retain_from = NO_RETENTION
+        """Compaction never reclaims data of frames with LSN >= retain_from (the replication
+        layer sets it to the first LSN its peer has not acknowledged)."""
+        self._gen_history: list[GenEntry] = []
+        self._last_txn_gen = 0  # generation of the last appended transaction frame
+        self.last_cut: CutReport | None = None
         self._lock_fd = -1
         self._segments: dict[int, fmt.SegmentHeader] = {}
         self._active: WritableFile | None = None
@@ -772,6 +999,23 @@ class Store:
         for name in self.fs.listdir(self._ckptdir):
             if not name.endswith(".ckpt"):  # a temporary file of an interrupted checkpoint
                 self.fs.unlink(os.path.join(self._ckptdir, name))
+        for name in self.fs.listdir(self._logdir):
+            if name.startswith((CUT_INTENT + ".tmp", "." + CUT_INTENT + ".tmp")):
+                self.fs.unlink(os.path.join(self._logdir, name))  # an unfinished intent write
+        if self.fs.exists(self._repldir):
+            for name in self.fs.listdir(self._repldir):
+                if name not in (REPL_META, GENERATION_FILE) and ".tmp" in name:
+                    self.fs.unlink(os.path.join(self._repldir, name))
+        # Before anything reads segments or checkpoints: finish a cut a crash interrupted.
+        cut_redone = ""
+        intent = self._read_cut_intent()
+        if intent is not None:
+            cut_redone = (
+                f"finished an interrupted cut after LSN {intent.after_lsn} "
+                f"(tail up to LSN {intent.last_lsn} is in {intent.quarantine_path})"
+            )
+            log.warning("%s", cut_redone)
+            self._apply_cut(intent)
         segnos = list_segments(self.fs, self._logdir)
         torn: TornTail | None = None
         # A last segment whose header never became durable is an interrupted roll (a segment
@@ -800,8 +1044,9 @@ class Store:
         if segnos and segnos != list(range(segnos[0], segnos[-1] + 1)):
             raise CorruptLog(f"missing segment files between {segnos[0]} and {segnos[-1]}")
 
-        index, pos, rejected = self._load_checkpoint(segnos)
+        index, pos, rejected, hist = self._load_checkpoint(segnos)
         self.index = index
+        self._gen_history = list(hist)
         ckpt_lsn = index.last_lsn
         replayed = 0
         if not segnos:
@@ -825,6 +1070,7 @@ class Store:
                 )
                 for fr in frames:
                     self.index.apply_frame(fr.header, fr.payload, s, fr.payload_offset)
+                    self._note_generation(fr.header)
                     expected += fr.lsn_count
                     self._applied_pos = (s, fr.end)
                     replayed += 1
@@ -851,9 +1097,16 @@ class Store:
             self._active_segno = last
         self._next_lsn = self.index.last_lsn + 1
         self._durable_lsn = self.index.last_lsn
-        self.generation = max(1, self.index.generation)
+        self.generation = max(1, self.index.generation, self._read_generation_file())
+        self._last_txn_gen = self._gen_history[-1][0] if self._gen_history else 0
         self.recovery = RecoveryReport(
-            ckpt_lsn, replayed, self.index.last_lsn, torn, rejected, time.monotonic() - t0
+            ckpt_lsn,
+            replayed,
+            self.index.last_lsn,
+            torn,
+            rejected,
+            time.monotonic() - t0,
+            cut_redone,
         )
         self._bytes_since_ckpt = 1 if replayed else 0
 
@@ -901,7 +1154,9 @@ class Store:
 
     # -- checkpoints ---------------------------------------------------------------------------
 
-    def _load_checkpoint(self, segnos: list[int]) -> tuple[ix.Index, tuple[int, int] | None, str]:
+    def _load_checkpoint(
+        self, segnos: list[int]
+    ) -> tuple[ix.Index, tuple[int, int] | None, str, tuple[GenEntry, ...]]:
         names = sorted(
             (n for n in self.fs.listdir(self._ckptdir) if n.endswith(".ckpt")), reverse=True
         )
@@ -914,16 +1169,16 @@ class Store:
                     data = f.pread(f.size(), 0)
                 finally:
                     f.close()
-                index, pos = self._decode_checkpoint(data, segnos)
-                return index, pos, rejected
+                index, pos, hist = self._decode_checkpoint(data, segnos)
+                return index, pos, rejected, hist
             except (fmt.FormatError, OSError) as e:
                 rejected += f"{name}: {e}; "
                 log.warning("checkpoint %s not used: %s", name, e)
-        return ix.Index(), None, rejected
+        return ix.Index(), None, rejected, ()
 
     def _decode_checkpoint(
         self, data: bytes, segnos: list[int]
-    ) -> tuple[ix.Index, tuple[int, int]]:
+    ) -> tuple[ix.Index, tuple[int, int], tuple[GenEntry, ...]]:
         ck = parse_checkpoint(data)
         for s, rewrites in ck.segments:
             h = self._segments.get(s)
@@ -934,7 +1189,9 @@ class Store:
         index = ix.Index.deserialize(ck.body)
         if index.last_lsn != ck.lsn:
             raise fmt.FormatError("checkpoint LSN mismatch")
-        return index, (ck.segno, ck.offset)
+        if ck.history and ck.history[-1][1] > ck.lsn:
+            raise fmt.FormatError("checkpoint generation history beyond its LSN")
+        return index, (ck.segno, ck.offset), ck.history
 
     def checkpoint(self) -> int:
         """Write a node-local checkpoint of the applied index (atomically) and prune old ones.
@@ -946,9 +1203,11 @@ class Store:
         rest = b"".join(
             [_CKPT_POS.pack(self.index.last_lsn, self.index.generation, segno, off, len(segs))]
             + [_CKPT_SEG.pack(s, self._segments[s].rewrites, 0) for s in segs]
+            + [struct.pack("<I", len(self._gen_history))]
+            + [_CKPT_GEN.pack(g, first, node) for g, first, node in self._gen_history]
             + [body]
         )
-        data = _CKPT_HEAD.pack(fmt.CHECKPOINT_MAGIC, fmt.FORMAT_VERSION, fmt.crc32c(rest)) + rest
+        data = _CKPT_HEAD.pack(fmt.CHECKPOINT_MAGIC, CHECKPOINT_VERSION, fmt.crc32c(rest)) + rest
         name = f"checkpoint-{self.index.last_lsn:020d}.ckpt"
         try:
             self.fs.write_atomic(os.path.join(self._ckptdir, name), data)
@@ -988,6 +1247,7 @@ class Store:
         payload: bytes,
         blobs: tuple[bytes, ...],
         records: Sequence[fmt.Record] | None = None,
+        nlsns: int = 1,
     ) -> None:
         assert self._active is not None
         if (
@@ -1017,7 +1277,9 @@ class Store:
         )
         for h in blobs:
             self._written_blobs[h] = hdr.lsn
-        self._next_lsn = hdr.lsn + 1
+        self._next_lsn = hdr.lsn + nlsns
+        if hdr.kind == fmt.FrameKind.TXN:
+            self._last_txn_gen = hdr.generation
         self.stats_frames += 1
         for cb in self._frame_listeners:
             cb(hdr.lsn, frame)
@@ -1109,6 +1371,7 @@ class Store:
                 self._fail(e)
                 raise StoreIOError(f"a committed frame did not apply: {e}") from None
             touched |= t
+            self._note_generation(p.header)
             self._applied_pos = (p.segno, p.payload_off + len(p.payload))
             self._bytes_since_ckpt += p.size
             for h in p.blobs:
@@ -1392,9 +1655,18 @@ class Store:
             self._cache.put(key, c)
         return c[0], c[1:]
 
-    def read_frames(self, from_lsn: int) -> Iterator[bytes]:
-        """The committed (visible) frames with LSN >= from_lsn, byte for byte as in the log."""
-        limit = self.index.last_lsn
+    def read_frames(self, from_lsn: int, *, durable: bool = False) -> Iterator[bytes]:
+        """The committed (visible) frames with LSN >= from_lsn, byte for byte as in the log.
+
+        With `durable=True`, also the frames fsynced locally but not applied yet (LSN <=
+        `durable_lsn`: what the durability barrier still holds). HOLE frames (left by `fsck
+        --repair`) are yielded like any frame; `ingest` accepts them. Frames below
+        `retain_from` may have been compacted (RECLAIMED records in place of dead data): same
+        LSN, generation, writer, time and logical digest. The limit is taken when iteration
+        starts; an iterator must not be used across `cut_tail`."""
+        limit = self._durable_lsn if durable else self.index.last_lsn
+        if from_lsn > limit:
+            return
         segs = sorted(self._segments)
         start = segs[0]
         for s in segs:
@@ -1433,11 +1705,14 @@ class Store:
         return self.index.last_lsn
 
     def _ingest_all(self, frames: Sequence[bytes]) -> None:
-        """Verify every frame first (CRCs, consecutive LSNs), then append them all: a bad
-        frame refuses the whole batch, and nothing of it is appended."""
+        """Verify every frame first (CRCs, consecutive LSNs, generations not going back), then
+        append them all: a bad frame refuses the whole batch, and nothing of it is appended.
+        A HOLE frame (what `read_frames` yields where the source's log lost frames to
+        `fsck --repair`) is accepted and takes its `count` LSNs, as in the source's log."""
         self._check_writable()
         checked = []
         lsn = self._next_lsn
+        last_gen = self._last_txn_gen
         for raw in frames:
             hdr = fmt.decode_frame_header(raw)
             payload = bytes(raw[fmt.FRAME_HEADER_SIZE :])
@@ -1445,16 +1720,349 @@ class Store:
                 raise fmt.FormatError(f"ingested frame LSN {hdr.lsn}: payload is corrupt")
             if hdr.lsn != lsn:
                 raise InvalidArgument(f"ingested frame LSN {hdr.lsn}, expected {lsn}")
-            blobs = tuple(
-                payload[o : o + 32]
-                for t, o, _ in fmt.iter_record_spans(payload)
-                if t == fmt.RecordType.BLOB
+            nlsns = 1
+            blobs: tuple[bytes, ...] = ()
+            if hdr.kind == fmt.FrameKind.HOLE:
+                recs = fmt.decode_records(payload)
+                if len(recs) != 1 or not isinstance(recs[0], fmt.Hole) or recs[0].count < 1:
+                    raise fmt.FormatError(f"ingested hole frame LSN {hdr.lsn} is malformed")
+                nlsns = recs[0].count
+            else:
+                if hdr.generation < last_gen:
+                    raise InvalidArgument(
+                        f"ingested frame LSN {hdr.lsn} is of generation {hdr.generation}, "
+                        f"older than the log's {last_gen}"
+                    )
+                last_gen = hdr.generation
+                blobs = tuple(
+                    payload[o : o + 32]
+                    for t, o, _ in fmt.iter_record_spans(payload)
+                    if t == fmt.RecordType.BLOB
+                )
+            checked.append((bytes(raw), hdr, payload, blobs, nlsns))
+            lsn += nlsns
+        for raw, hdr, payload, blobs, nlsns in checked:
+            self._append_raw(raw, hdr, payload, blobs, nlsns=nlsns)
+            if hdr.kind == fmt.FrameKind.TXN:
+                self.generation = max(self.generation, hdr.generation)
+
+    # -- replication API -----------------------------------------------------------------------
+
+    @property
+    def first_retained_lsn(self) -> int:
+        """The lowest LSN whose frame `read_frames` can still yield (1 unless the head of the log
+        was ever dropped; nothing drops it yet). A peer that needs an older LSN needs a full
+        sync. Frames below `retain_from` may be compacted, which leaves them shippable."""
+        if not self._segments:
+            return 1
+        return self._segments[min(self._segments)].first_lsn
+
+    def generations(self) -> list[tuple[int, int]]:
+        """The generation history of the applied log: (generation, first LSN) per run of frames
+        of one generation and writer, in LSN order. Ingested frames count like local ones;
+        HOLE frames name no generation. A generation begun (`begin_generation`) but not yet
+        written in is not listed: it is `Store.generation`."""
+        return [(g, first) for g, first, _ in self._gen_history]
+
+    def generation_history(self) -> list[GenEntry]:
+        """`generations()` with each run's writer node: (generation, first LSN, node id)."""
+        return list(self._gen_history)
+
+    def _note_generation(self, hdr: fmt.FrameHeader) -> None:
+        """Extend the history with an applied frame (called in LSN order)."""
+        if hdr.kind != fmt.FrameKind.TXN:
+            return
+        h = self._gen_history
+        if not h or h[-1][0] != hdr.generation or h[-1][2] != hdr.node_id:
+            h.append((hdr.generation, hdr.lsn, hdr.node_id))
+
+    def begin_generation(self, gen: int) -> None:
+        """Start generation `gen` (> the current one): frames appended from now on carry it.
+        Durable before it returns (`<data>/repl/generation`), so the generation never goes
+        back, even across a crash. Refused while commits are pending."""
+        self._check_thread()
+        self._check_writable()
+        if gen <= self.generation:
+            raise InvalidArgument(f"generation {gen} is not above the current {self.generation}")
+        if gen >= 1 << 64:
+            raise InvalidArgument("generation out of range")
+        if self._pending:
+            raise StoreError("cannot begin a generation while commits are pending; settle first")
+        body = _GEN_FILE.pack(_GEN_MAGIC, gen, 0)[:-4]
+        try:
+            self._makedirs_durable(self._repldir)
+            self.fs.write_atomic(
+                os.path.join(self._repldir, GENERATION_FILE),
+                body + struct.pack("<I", fmt.crc32c(body)),
             )
-            checked.append((bytes(raw), hdr, payload, blobs))
-            lsn += 1
-        for raw, hdr, payload, blobs in checked:
-            self._append_raw(raw, hdr, payload, blobs)
-            self.generation = max(self.generation, hdr.generation)
+        except OSError as e:
+            raise StoreIOError(f"cannot record generation {gen}: {e.strerror or e}") from None
+        self.generation = gen
+        log.info("generation %d begun", gen)
+
+    def _read_generation_file(self) -> int:
+        path = os.path.join(self._repldir, GENERATION_FILE)
+        if not self.fs.exists(path):
+            return 0
+        data = self._read_file(path)
+        if len(data) != _GEN_FILE.size:
+            raise CorruptLog(f"{path}: damaged (wrong length)")
+        magic, gen, crc = _GEN_FILE.unpack(data)
+        if magic != _GEN_MAGIC or fmt.crc32c(data[:-4]) != crc:
+            raise CorruptLog(f"{path}: damaged (bad magic or checksum)")
+        return int(gen)
+
+    def _read_file(self, path: str) -> bytes:
+        f = self.fs.open_read(path)
+        try:
+            return f.pread(f.size(), 0)
+        finally:
+            f.close()
+
+    def load_repl_meta(self) -> bytes | None:
+        """The replication layer's node-local metadata (opaque bytes), or None if never saved."""
+        path = os.path.join(self._repldir, REPL_META)
+        if not self.fs.exists(path):
+            return None
+        return self._read_file(path)
+
+    def save_repl_meta(self, data: bytes) -> None:
+        """Replace the replication metadata atomically and durably (`<data>/repl/meta`,
+        written through fsio.write_atomic: after a crash, the old or the new bytes). Node-local:
+        never in the replicated stream. Allowed in state ERROR too (the log is not touched).
+        Raises StoreIOError if it could not be made durable."""
+        self._check_thread()
+        if self.state == StoreState.CLOSED:
+            raise StoreReadOnly("store is closed")
+        try:
+            self._makedirs_durable(self._repldir)
+            self.fs.write_atomic(os.path.join(self._repldir, REPL_META), bytes(data))
+        except OSError as e:
+            raise StoreIOError(f"cannot save replication metadata: {e.strerror or e}") from None
+
+    def logical_digest(self, first_lsn: int, last_lsn: int, *, durable: bool = False) -> bytes:
+        """BLAKE2b-256 over the logical content of the frames whose LSN lies in [first_lsn,
+        last_lsn] (docs/store.md, "Logical digest"): equal on two nodes holding the same
+        logical records, whatever either compacted. The range must be held: first_lsn >=
+        `first_retained_lsn`, last_lsn <= the visible LSN (`durable=True`: the durable LSN);
+        else InvalidArgument."""
+        limit = self._durable_lsn if durable else self.index.last_lsn
+        if first_lsn < 1 or last_lsn < first_lsn:
+            raise InvalidArgument(f"bad LSN range {first_lsn}..{last_lsn}")
+        if first_lsn < self.first_retained_lsn or last_lsn > limit:
+            raise InvalidArgument(
+                f"LSNs {first_lsn}..{last_lsn} are not all held "
+                f"({self.first_retained_lsn}..{limit})"
+            )
+        h = hashlib.blake2b(digest_size=32, person=b"mh-logical-v1")
+        h.update(struct.pack("<QQ", first_lsn, last_lsn))
+        for raw in self.read_frames(first_lsn, durable=durable):
+            hdr = fmt.decode_frame_header(raw)
+            if hdr.lsn > last_lsn:
+                break
+            _digest_frame(h, hdr, raw[fmt.FRAME_HEADER_SIZE :])
+        return h.digest()
+
+    def cut_tail(self, after_lsn: int, quarantine_path: str) -> int:
+        """Cut the log after `after_lsn`: every frame with a higher LSN is first written to
+        `quarantine_path` (a small header + the frames verbatim, made durable; an existing
+        file is replaced: choose unique names), then removed from the log; checkpoints beyond
+        the cut are deleted and the index is rebuilt (from an older checkpoint or by replay).
+        Returns the number of frames cut (0 if the log ends at or before `after_lsn`).
+
+        If `after_lsn + 1` falls inside a HOLE frame, the whole hole is cut (its LSNs were lost
+        anyway) and the log ends before it: `last_lsn` tells where. Crash-safe (module doc):
+        after a crash the store opens with the whole tail or exactly the cut state.
+
+        Refused (StoreError) while commits are pending (e.g. held by the durability barrier) or
+        a blob writer streams; the store must not be serving sessions (what they saw may be
+        cut: `index` is replaced). The generation is not lowered. Synchronous, blocking."""
+        self._check_thread()
+        self._check_writable()
+        if self._pending or (self._flusher is not None and not self._flusher.done()):
+            raise StoreError(
+                "cut_tail refused: commits are pending (or held by the durability barrier)"
+            )
+        if self._open_streams:
+            raise StoreError("cut_tail refused: a blob writer is streaming into the log")
+        if after_lsn < 0:
+            raise InvalidArgument("after_lsn must be >= 0")
+        last = self.last_lsn
+        if after_lsn >= last:
+            return 0
+        if after_lsn + 1 < self.first_retained_lsn:
+            raise InvalidArgument(f"LSN {after_lsn + 1} is no longer in the log")
+        segno, offset, after = self._find_cut(after_lsn)
+        if after < after_lsn:
+            log.warning(
+                "cut after LSN %d falls inside a hole: cutting after LSN %d", after_lsn, after
+            )
+        t0 = time.monotonic()
+        quarantine_path = os.path.abspath(quarantine_path)
+        try:
+            nframes, nbytes = self._write_quarantine(quarantine_path, segno, offset, after, last)
+        except OSError as e:  # the log is untouched: the store stays open
+            raise StoreIOError(f"cannot write the quarantine file: {e.strerror or e}") from None
+        intent = _CutIntent(after, segno, offset, max(self._segments), last, quarantine_path)
+        try:
+            self.fs.write_atomic(os.path.join(self._logdir, CUT_INTENT), intent.encode())
+        except OSError as e:
+            # Maybe durable, maybe not: reopening either redoes the cut or keeps the tail.
+            self._fail(e)
+            raise StoreIOError(f"cannot record the cut: {e.strerror or e}") from None
+        old_generation = self.generation
+        recovery = self.recovery
+        self._release_files()
+        try:
+            dropped = self._apply_cut(intent)
+            self._segments = {}
+            self._gen_history = []
+            self.index = ix.Index()
+            self._cache.clear()
+            self._recover()
+        except (OSError, StoreError, fmt.FormatError) as e:
+            self._fail(e)
+            raise StoreIOError(f"cut failed, reopen the store to finish it: {e}") from None
+        self.recovery = recovery
+        self.generation = max(self.generation, old_generation)
+        self.last_cut = CutReport(after, after + 1, last, nframes, nbytes, quarantine_path, dropped)
+        log.warning(
+            "cut the log after LSN %d: %d frames (LSNs %d..%d, %d bytes) quarantined in %s "
+            "(%.3f s)",
+            after,
+            nframes,
+            after + 1,
+            last,
+            nbytes,
+            quarantine_path,
+            time.monotonic() - t0,
+        )
+        return nframes
+
+    def _find_cut(self, after_lsn: int) -> tuple[int, int, int]:
+        """(segment, offset, effective after-LSN) of the first frame that holds an LSN above
+        `after_lsn` (a hole holding after_lsn + 1 moves the cut before it)."""
+        segs = sorted(self._segments)
+        s = segs[0]
+        for x in segs:
+            if self._segments[x].first_lsn <= after_lsn + 1:
+                s = x
+        frames, stops = scan_segment(
+            self.fs,
+            segment_path(self._logdir, s),
+            s,
+            fmt.SEGMENT_HEADER_SIZE,
+            self._segments[s].first_lsn,
+        )
+        found: tuple[int, int, int] | None = None
+        end = fmt.SEGMENT_HEADER_SIZE
+        for fr in frames:
+            if found is None:
+                if fr.header.lsn > after_lsn:
+                    found = (s, fr.offset, after_lsn)
+                elif fr.header.lsn + fr.lsn_count - 1 > after_lsn:
+                    found = (s, fr.offset, fr.header.lsn - 1)
+            end = fr.end
+        if stops:
+            raise CorruptLog(f"segment {s}: {stops[0].reason}; run `mailharbor store fsck`")
+        return found if found is not None else (s, end, after_lsn)
+
+    def _write_quarantine(
+        self, path: str, segno: int, offset: int, after: int, last: int
+    ) -> tuple[int, int]:
+        """Write the frames from (segno, offset) to the end of the log to `path`: temporary
+        file, fsync, rename, directory fsync. Returns (frames, frame bytes)."""
+
+        def tail() -> Iterator[bytes]:
+            expected = after + 1
+            for s in sorted(self._segments):
+                if s < segno:
+                    continue
+                start = offset if s == segno else fmt.SEGMENT_HEADER_SIZE
+                frames, stops = scan_segment(
+                    self.fs, segment_path(self._logdir, s), s, start, expected
+                )
+                for fr in frames:
+                    expected += fr.lsn_count
+                    yield fr.raw
+                if stops:
+                    raise CorruptLog(f"segment {s}: {stops[0].reason}; cannot quarantine")
+            if expected != last + 1:
+                raise CorruptLog(f"the log ends at LSN {expected - 1}, expected {last}")
+
+        nframes = nbytes = 0
+        for raw in tail():
+            nframes += 1
+            nbytes += len(raw)
+        head = _QUAR_HEAD.pack(
+            QUARANTINE_MAGIC,
+            QUARANTINE_VERSION,
+            after,
+            after + 1,
+            last,
+            nframes,
+            nbytes,
+            self.node_id,
+            now_ms(),
+            0,
+        )[:-4]
+        head += struct.pack("<I", fmt.crc32c(head))
+        directory = os.path.dirname(path)
+        self._makedirs_durable(directory)
+        tmp = path + ".tmp"
+        if self.fs.exists(tmp):
+            self.fs.unlink(tmp)
+        f = self.fs.open_append(tmp)
+        try:
+            f.write(head)
+            for raw in tail():
+                f.write(raw)
+            f.sync()
+        finally:
+            f.close()
+        self.fs.replace(tmp, path)
+        self.fs.sync_dir(directory)
+        return nframes, nbytes
+
+    def _release_files(self) -> None:
+        """Close every handle on the segments (nothing is pending)."""
+        if self._active is not None:
+            self._active.close()
+            self._active = None
+        for r in self._readers.values():
+            r.close()
+        self._readers.clear()
+
+    def _read_cut_intent(self) -> _CutIntent | None:
+        path = os.path.join(self._logdir, CUT_INTENT)
+        if not self.fs.exists(path):
+            return None
+        try:
+            return _CutIntent.decode(self._read_file(path))
+        except fmt.FormatError as e:
+            raise CutIntentError(f"{path}: {e}; the log may be half cut") from None
+
+    def _apply_cut(self, intent: _CutIntent) -> int:
+        """Carry out a recorded cut; idempotent (redone at open after a crash). Returns how
+        many checkpoints were deleted."""
+        for s in list_segments(self.fs, self._logdir):
+            if s > intent.segno:
+                self.fs.unlink(segment_path(self._logdir, s))
+        path = segment_path(self._logdir, intent.segno)
+        if self.fs.exists(path) and self._segment_size(intent.segno) > intent.offset:
+            self.fs.truncate(path, intent.offset)  # fsyncs the file
+        self.fs.sync_dir(self._logdir)
+        dropped = 0
+        for name in self.fs.listdir(self._ckptdir):
+            lsn = _checkpoint_name_lsn(name)
+            if lsn is None or lsn > intent.after_lsn:
+                self.fs.unlink(os.path.join(self._ckptdir, name))
+                dropped += 1
+        if dropped:
+            self.fs.sync_dir(self._ckptdir)
+        self.fs.unlink(os.path.join(self._logdir, CUT_INTENT))
+        self.fs.sync_dir(self._logdir)
+        return dropped
 
     # -- maintenance ---------------------------------------------------------------------------
 
