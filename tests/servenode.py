@@ -70,7 +70,10 @@ class ServeNode:
     def add_account(self, address: str, password: str) -> None:
         self.cli("account", "add", address, "--password-stdin", stdin=password + "\n")
 
-    def start(self, timeout: float = 30) -> None:
+    def start(self, timeout: float = 30, *, wait_ports: bool = True) -> None:
+        """Start ``mailharbor serve``; wait until every configured port accepts (or, with
+        ``wait_ports=False`` — a replication secondary serves no port — until its admin socket
+        answers ``status``)."""
         self._log = open(self.log_path, "ab")  # noqa: SIM115 - closed in stop()
         self.proc = subprocess.Popen(
             [str(MAILHARBOR), "serve", "--config", str(self.config)],
@@ -79,6 +82,9 @@ class ServeNode:
             stderr=subprocess.STDOUT,
         )
         deadline = time.monotonic() + timeout
+        if not wait_ports:
+            self.wait_admin(deadline)
+            return
         waiting = list(self.ports)
         while waiting:
             if self.proc.poll() is not None:
@@ -91,6 +97,30 @@ class ServeNode:
                 waiting.pop(0)
             except OSError:
                 time.sleep(0.05)
+
+    def wait_admin(self, deadline: float) -> None:
+        """Wait until the running node answers ``status`` on its admin socket."""
+        assert self.proc is not None
+        while True:
+            if self.proc.poll() is not None:
+                raise AssertionError(f"serve exited:\n{self.log}")
+            r = subprocess.run(
+                [str(MAILHARBOR), "status", "--config", str(self.config)],
+                capture_output=True,
+                text=True,
+                timeout=30,
+            )
+            if r.returncode == 0:
+                return
+            if time.monotonic() > deadline:
+                self.kill()
+                raise AssertionError(f"admin socket not answering:\n{self.log}")
+            time.sleep(0.1)
+
+    def try_cli(self, *args: str) -> subprocess.CompletedProcess[str]:
+        """Run a CLI command with this node's config; the result, whatever the exit status."""
+        cmd = [str(MAILHARBOR), *args, "--config", str(self.config)]
+        return subprocess.run(cmd, capture_output=True, text=True, timeout=120)
 
     @property
     def log(self) -> str:

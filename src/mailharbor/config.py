@@ -62,6 +62,7 @@ __all__ = [
     "NodeConfig",
     "Pop3Config",
     "QueueConfig",
+    "ReplicationConfig",
     "SmtpConfig",
     "StoreConfig",
     "TlsConfig",
@@ -1071,6 +1072,148 @@ class Pop3Config:
     )
 
 
+_SECRET_RE = r"[\x21-\x7e]{16,256}"
+
+
+class SecretFile(Kind[Path | None]):
+    """A path to a file holding a secret, or ``""`` for none (loads as None)."""
+
+    def parse(self, raw: object, ctx: _Context) -> Path | None:
+        if raw == "":
+            return None
+        if not isinstance(raw, str) or "\0" in raw:
+            raise self.bad('a path, or "" for none', raw)
+        return ctx.base_dir / Path(raw).expanduser()
+
+
+@dataclass(frozen=True, kw_only=True)
+class ReplicationConfig:
+    """``[replication]``: the peer link that replicates the store to the other node.
+
+    Without ``peer`` the node is standalone (exactly as without this section). With a peer, the
+    node listens on ``listen`` and connects to ``peer`` (both sides try; one connection is
+    kept), authenticates with the shared ``secret`` (or ``secret_file``) and replicates the log
+    in ``protocol`` A, B or C (DRBD's meanings; C, the default, acknowledges a client only once
+    the peer has fsynced the change). ``role`` is the role at start: ``secondary`` (default) or
+    ``primary`` (the first node of a pair, or a single node that will get a peer later).
+    ``fencing``: what the primary does when it loses the peer with writes in flight;
+    ``split_brain``: how true split brain is resolved. See docs/replication.md.
+    """
+
+    peer: str = setting(
+        _EMPTY_OR_HOSTPORT,
+        'Address of the replication listener of the peer, "host:port". Empty: no replication, '
+        "the node is standalone.",
+        "",
+    )
+    listen: str = setting(
+        _EMPTY_OR_HOSTPORT,
+        'Address the replication listener of this node binds, "host:port" (required with a peer).',
+        "",
+    )
+    secret: str = setting(
+        Pattern(f"(?:{_SECRET_RE})?", '16 to 256 printable ASCII characters, or ""'),
+        "Shared secret of the pair (the same on both nodes): authenticates the peer and every "
+        "replication message (HMAC-SHA256). Prefer secret_file, which keeps it out of this file.",
+        "",
+    )
+    secret_file: Path | None = setting(
+        SecretFile(),
+        "File holding the shared secret (its first line, 16 to 256 printable characters; keep "
+        'it mode 0600). Used when secret is empty. "": none.',
+        "",
+    )
+    protocol: str = setting(
+        Choice(("A", "B", "C")),
+        "When a write is acknowledged: A after the local fsync; B also after the peer received "
+        "it; C (default) also after the peer fsynced it. Both nodes must agree.",
+        "C",
+    )
+    role: str = setting(
+        Choice(("secondary", "primary")),
+        "Role at start. secondary (default): apply the peer's log, serve no clients. primary: "
+        "serve and write from the start (the first node of a pair). A node that was demoted "
+        "or whose disk is not UpToDate starts as secondary anyway (no automatic failback).",
+        "secondary",
+    )
+    ack_timeout: float = setting(
+        Duration(minimum=0.1, maximum=600),
+        "A peer that does not acknowledge replicated frames within this time is dropped "
+        "(never waited on forever).",
+        "6s",
+    )
+    ping_interval: float = setting(
+        Duration(minimum=0.05, maximum=600),
+        "Keep-alive interval on the replication link; after ping_interval + ping_timeout of "
+        "silence the link is dropped.",
+        "2s",
+    )
+    ping_timeout: float = setting(
+        Duration(minimum=0.05, maximum=600),
+        "How long a keep-alive may stay unanswered (see ping_interval).",
+        "4s",
+    )
+    resync_rate: int = setting(
+        Size(minimum=0),
+        'Limit of the catch-up resync, bytes per second ("10MiB"); 0: no limit.',
+        0,
+    )
+    split_brain: str = setting(
+        Choice(
+            (
+                "merge",
+                "discard-younger-primary",
+                "discard-least-changes",
+                "discard-zero-changes",
+                "disconnect",
+            )
+        ),
+        "How true split brain (both nodes acknowledged writes alone) is resolved: merge "
+        "(default; the merge replay is not implemented yet, so the link disconnects with a "
+        "message), DRBD's discard policies, or disconnect.",
+        "merge",
+    )
+    fencing: str = setting(
+        Choice(("dont-care", "resource-only", "resource-and-stonith")),
+        "When the primary loses its peer with writes in flight: dont-care (default) continues "
+        "alone; resource-only holds writes until the peer is known Outdated (it reconnects); "
+        "resource-and-stonith freezes writes until the peer is fenced.",
+        "dont-care",
+    )
+    tls: bool = setting(
+        Bool(),
+        "Encrypt the replication link with TLS (node certificates). Not supported yet: true is "
+        "refused at start-up. The link is always authenticated by the shared secret.",
+        False,
+    )
+
+    @property
+    def enabled(self) -> bool:
+        """True when a peer is configured (the node replicates)."""
+        return bool(self.peer)
+
+    def check(self) -> None:
+        """With a peer: a listen address and a secret are required; TLS is not supported yet."""
+        if self.tls:
+            raise ConfigError(
+                "replication.tls",
+                "TLS on the replication link is not supported yet (the link is authenticated "
+                "with the shared secret, not encrypted): set it to false",
+            )
+        if not self.peer:
+            return
+        if not self.listen:
+            raise ConfigError("replication.listen", "is required when replication.peer is set")
+        if ":" not in self.peer.rsplit("]", 1)[-1] or ":" not in self.listen.rsplit("]", 1)[-1]:
+            key = "replication.peer" if ":" not in self.peer else "replication.listen"
+            raise ConfigError(key, 'needs a port: "host:port"')
+        if not self.secret and self.secret_file is None:
+            raise ConfigError(
+                "replication.secret",
+                "a shared secret is required when replication.peer is set (secret or secret_file)",
+            )
+
+
 @dataclass(frozen=True, kw_only=True)
 class Config:
     """A whole, validated configuration.
@@ -1090,6 +1233,7 @@ class Config:
     smtp: SmtpConfig = section("The SMTP, submission and LMTP listeners.")
     imap: ImapConfig = section("The IMAP listeners.")
     pop3: Pop3Config = section("The POP3 listeners.")
+    replication: ReplicationConfig = section("Replication of the store to the peer node.")
 
     @property
     def base_dir(self) -> Path:

@@ -18,8 +18,15 @@ resource of a node and starts them in order, stopping them in reverse:
    progress completed, then the background commits (the implicit Seen flag) are drained;
 4. the outbound queue runner (``mailharbor.service.queue``), stopped first.
 
-(Later: replication role, service address, listeners, queue runner — DESIGN.md's resource
-order.) :meth:`Node.run` starts the node, waits for SIGTERM/SIGINT or :meth:`Node.request_stop`,
+With a ``[replication]`` peer, the replicator (``mailharbor.server.repl``) starts after the
+admin server, and the services (3 and 4: listeners, queue runner) run **only while this node is
+primary**: the replicator's role controller starts them on promotion (``replication.role =
+primary`` at start, or ``repl primary``) and stops them gracefully on demotion (``repl
+secondary``) — DESIGN.md's resource order (replication role → store → listeners → queue
+runner). A secondary serves no client and refuses changing admin commands. Without a peer the
+node is standalone and starts its services at once, as before.
+
+:meth:`Node.run` starts the node, waits for SIGTERM/SIGINT or :meth:`Node.request_stop`,
 then stops it: the admin socket is closed (running commands finish first), every commit in
 flight is settled, and the store is closed (final checkpoint, lock released).
 
@@ -50,9 +57,11 @@ from enum import Enum
 from mailharbor import __version__
 from mailharbor.admin.protocol import Request, Response
 from mailharbor.admin.server import AdminContext, AdminServer, execute
-from mailharbor.config import Config
+from mailharbor.config import Config, ConfigError
+from mailharbor.repl.state import FencingPolicy, Protocol, Role, SplitBrainPolicy
 from mailharbor.server.imap import ImapListener, ImapOptions, ImapServices
 from mailharbor.server.pop3 import Pop3Listener, Pop3Options, Pop3Services
+from mailharbor.server.repl import Replicator, ReplSettings, RoleHooks
 from mailharbor.server.smtp import ListenerKind, SmtpListener, SmtpOptions, SmtpServices
 from mailharbor.service import maillog
 from mailharbor.service.auth import Authenticator
@@ -85,6 +94,41 @@ def store_options(config: Config) -> StoreOptions:
         checkpoint_every_bytes=s.checkpoint_every_bytes,
         chunk_bytes=s.chunk_bytes,
         sync=s.sync,
+    )
+
+
+def repl_settings(config: Config) -> ReplSettings:
+    """The replicator's settings from ``[replication]`` (the secret read from its file).
+    Raises ConfigError when the secret file is unusable."""
+    r = config.replication
+    secret = r.secret
+    if not secret and r.secret_file is not None:
+        try:
+            lines = r.secret_file.read_text("utf-8").splitlines()
+        except (OSError, UnicodeDecodeError) as e:
+            raise ConfigError(
+                "replication.secret_file", f"cannot read {r.secret_file}: {e}"
+            ) from None
+        secret = lines[0].strip() if lines else ""
+        if not 16 <= len(secret) <= 256 or not secret.isprintable():
+            raise ConfigError(
+                "replication.secret_file",
+                f"{r.secret_file}: the first line must be 16 to 256 printable characters",
+            )
+    return ReplSettings(
+        name=config.node.name,
+        node_id=config.node.node_id,
+        listen=r.listen,
+        peer=r.peer,
+        secret=secret.encode(),
+        protocol=Protocol(r.protocol),
+        role=Role.PRIMARY if r.role == "primary" else Role.SECONDARY,
+        fencing=FencingPolicy(r.fencing),
+        split_brain=SplitBrainPolicy(r.split_brain),
+        ack_timeout=r.ack_timeout,
+        ping_interval=r.ping_interval,
+        ping_timeout=r.ping_timeout,
+        resync_rate=r.resync_rate,
     )
 
 
@@ -133,6 +177,7 @@ class Node:
         self.imap_listeners: list[ImapListener] = []
         self.mailboxes: MailboxService | None = None
         self.authenticator: Authenticator | None = None
+        self.repl: Replicator | None = None
         self._stop: asyncio.Event | None = None
         self._stop_reason = ""
         self._started_monotonic = time.monotonic()
@@ -163,6 +208,7 @@ class Node:
             "admin_socket": os.fspath(self.config.admin.socket),
             "store": store.stats() if store is not None else None,
             "recovery": recovery,
+            "replication": self.repl.status() if self.repl is not None else None,
         }
 
     async def start(self) -> None:
@@ -173,16 +219,20 @@ class Node:
         try:
             self.store = open_store(self.config)
             ctx = AdminContext(store=self.store, node_name=self.name, status=self.status)
+            if self.config.replication.enabled:
+                self.repl = Replicator(
+                    self.store,
+                    repl_settings(self.config),
+                    RoleHooks(self._start_services, self._stop_services),
+                )
+                ctx.repl = self.repl
             self.admin = AdminServer(self.config.admin.socket, ctx)
             await self.admin.start()
-            await self._start_listeners(self.store)
-            await self._start_pop3(self.store)
-            await self._start_imap(self.store)
-            # Last resource: the outbound queue runner (started after fencing, in the cluster).
-            self.queue = QueueRunner(
-                self.store, self.config.queue, hostname=self.config.node.hostname
-            )
-            self.queue.start()
+            if self.repl is not None:
+                # Starts the services if (and when) this node is primary.
+                await self.repl.start()
+            else:
+                await self._start_services()
         except BaseException:
             await self._teardown()
             self.state = NodeState.STOPPED
@@ -200,7 +250,25 @@ class Node:
         self.state = NodeState.STOPPED
         log.info("node %s stopped", self.name)
 
-    async def _teardown(self) -> None:
+    async def _start_services(self) -> None:
+        """Listeners, then the queue runner (on a primary, or a standalone node)."""
+        store = self.store
+        if store is None:
+            raise RuntimeError("the store is not open")
+        try:
+            await self._start_listeners(store)
+            await self._start_pop3(store)
+            await self._start_imap(store)
+            # Last resource: the outbound queue runner (started after fencing, in the cluster).
+            self.queue = QueueRunner(store, self.config.queue, hostname=self.config.node.hostname)
+            self.queue.start()
+        except BaseException:
+            await self._stop_services()
+            raise
+        log.info("node %s serves clients", self.name)
+
+    async def _stop_services(self) -> None:
+        """The queue runner, then the listeners (gracefully), in reverse order."""
         if self.queue is not None:
             queue, self.queue = self.queue, None
             try:
@@ -210,6 +278,19 @@ class Node:
         await self._stop_imap()
         await self._stop_pop3()
         await self._stop_listeners()
+
+    async def _teardown(self) -> None:
+        await self._stop_services()
+        if self.repl is not None:
+            repl, self.repl = self.repl, None
+            if self.store is not None:
+                # Writes in flight still need the peer's acknowledgement (protocol C).
+                with contextlib.suppress(Exception):
+                    await asyncio.wait_for(self.store.settle(), repl.settings.ack_timeout)
+            try:
+                await repl.stop()
+            except Exception:
+                log.exception("stopping replication failed")
         if self.admin is not None:
             try:
                 await self.admin.close()

@@ -176,6 +176,24 @@ COMMANDS: Mapping[str, Command] = _table(
     Command("queue.retry", "make a queue entry due now", (_QUEUE_ID,), changes=True),
     Command("queue.delete", "remove a queue entry without a bounce", (_QUEUE_ID,), changes=True),
     Command("queue.flush", "make every queue entry due now", changes=True),
+    Command("repl.status", "replication: role, disk, link, LSN lag, resync progress"),
+    Command(
+        "repl.primary",
+        "promote this node (only UpToDate without force)",
+        (Arg("force", ArgType.BOOL, "promote an Outdated/Inconsistent node", required=False),),
+        changes=True,
+        slow=True,
+    ),
+    Command("repl.secondary", "demote this node (stops its services)", changes=True, slow=True),
+    Command("repl.connect", "(re)connect the replication link", changes=True),
+    Command("repl.disconnect", "drop the replication link and stay StandAlone", changes=True),
+    Command("repl.verify", "compare the log with the peer's (digests)", slow=True),
+    Command(
+        "repl.invalidate",
+        "quarantine this secondary's log and resync it from the peer",
+        changes=True,
+        slow=True,
+    ),
 )
 
 

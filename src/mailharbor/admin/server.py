@@ -41,6 +41,7 @@ import struct
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Protocol
 
 from mailharbor.admin.protocol import (
     COMMANDS,
@@ -52,6 +53,7 @@ from mailharbor.admin.protocol import (
     encode_response,
     one_line,
 )
+from mailharbor.repl.role import RoleError
 from mailharbor.service import queue as queue_service
 from mailharbor.service.auth import hash_password
 from mailharbor.store import (
@@ -101,6 +103,7 @@ class AdminContext:
     hash_password: Callable[[str], str] = hash_password
     hash_concurrency: int = DEFAULT_HASH_CONCURRENCY
     change_lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+    repl: ReplControl | None = None
     _hash_slots: asyncio.Semaphore | None = field(default=None, repr=False)
 
     async def hash(self, password: str) -> str:
@@ -115,6 +118,71 @@ class AdminContext:
 
 
 Handler = Callable[[AdminContext, Mapping[str, object]], Awaitable[object]]
+
+
+class ReplControl(Protocol):
+    """The running node's replication, as the ``repl.*`` commands use it (``RoleError`` and
+    other refusals raise an exception whose text is one line for the operator)."""
+
+    def is_primary(self) -> bool: ...
+
+    def status(self) -> dict[str, object]: ...
+
+    async def promote(self, *, force: bool = False, reason: str = ...) -> dict[str, object]: ...
+
+    async def demote(self) -> dict[str, object]: ...
+
+    def connect(self) -> dict[str, object]: ...
+
+    def disconnect(self) -> dict[str, object]: ...
+
+    async def verify(self) -> dict[str, object]: ...
+
+    async def invalidate(self) -> dict[str, object]: ...
+
+
+def _repl(ctx: AdminContext) -> ReplControl:
+    if ctx.repl is None:
+        raise InvalidArgument(
+            "replication is not running here (no [replication] peer configured, or no node runs)"
+        )
+    return ctx.repl
+
+
+async def _repl_call(call: Awaitable[dict[str, object]]) -> object:
+    try:
+        return await call
+    except RoleError as e:
+        raise InvalidArgument(str(e)) from None
+
+
+async def _repl_status(ctx: AdminContext, args: Mapping[str, object]) -> object:
+    return _repl(ctx).status()
+
+
+async def _repl_primary(ctx: AdminContext, args: Mapping[str, object]) -> object:
+    force = args.get("force") is True
+    return await _repl_call(_repl(ctx).promote(force=force, reason="repl primary"))
+
+
+async def _repl_secondary(ctx: AdminContext, args: Mapping[str, object]) -> object:
+    return await _repl_call(_repl(ctx).demote())
+
+
+async def _repl_connect(ctx: AdminContext, args: Mapping[str, object]) -> object:
+    return _repl(ctx).connect()
+
+
+async def _repl_disconnect(ctx: AdminContext, args: Mapping[str, object]) -> object:
+    return _repl(ctx).disconnect()
+
+
+async def _repl_verify(ctx: AdminContext, args: Mapping[str, object]) -> object:
+    return await _repl_call(_repl(ctx).verify())
+
+
+async def _repl_invalidate(ctx: AdminContext, args: Mapping[str, object]) -> object:
+    return await _repl_call(_repl(ctx).invalidate())
 
 
 def _str(args: Mapping[str, object], key: str) -> str:
@@ -317,6 +385,13 @@ HANDLERS: Mapping[str, Handler] = {
     "queue.retry": _queue_retry,
     "queue.delete": _queue_delete,
     "queue.flush": _queue_flush,
+    "repl.status": _repl_status,
+    "repl.primary": _repl_primary,
+    "repl.secondary": _repl_secondary,
+    "repl.connect": _repl_connect,
+    "repl.disconnect": _repl_disconnect,
+    "repl.verify": _repl_verify,
+    "repl.invalidate": _repl_invalidate,
 }
 if set(HANDLERS) != set(COMMANDS):  # pragma: no cover - a programming error
     raise RuntimeError(f"admin handlers and commands differ: {set(HANDLERS) ^ set(COMMANDS)}")
@@ -326,6 +401,17 @@ async def execute(ctx: AdminContext, request: Request) -> Response:
     """Run ``request`` against ``ctx``; never raises except CancelledError (see module doc)."""
     spec = COMMANDS[request.cmd]
     handler = HANDLERS[request.cmd]
+    if (
+        spec.changes
+        and ctx.repl is not None
+        and not request.cmd.startswith("repl.")
+        and not ctx.repl.is_primary()
+    ):
+        # One writer: a secondary's store changes only by the peer's replicated log.
+        return Response.failure(
+            request.id,
+            f"node {ctx.node_name} is secondary: run {request.cmd} on the primary",
+        )
     try:
         if spec.changes:
             async with ctx.change_lock:

@@ -24,6 +24,7 @@ from mailharbor.cli import (
     admin_cmds,
     init_cmd,
     queue_cmds,
+    repl_cmds,
     serve_cmd,
 )
 from mailharbor.config import ConfigError
@@ -52,7 +53,13 @@ class CommandModule(Protocol):
 
 
 #: Subcommand modules, in the order ``--help`` lists them.
-COMMAND_MODULES: tuple[CommandModule, ...] = (init_cmd, serve_cmd, admin_cmds, queue_cmds)
+COMMAND_MODULES: tuple[CommandModule, ...] = (
+    init_cmd,
+    serve_cmd,
+    admin_cmds,
+    queue_cmds,
+    repl_cmds,
+)
 
 
 def build_parser() -> ArgumentParser:

@@ -1,0 +1,1318 @@
+"""The replication adapter: the peer link's sockets, the asyncio durability barrier, the store.
+
+Theory of operation
+-------------------
+:class:`Replicator` drives the sans-IO engines of :mod:`mailharbor.repl` for one node:
+
+* **One link.** It listens on ``replication.listen`` and connects to ``replication.peer``
+  (reconnecting with a jittered backoff); both sides try, so either may come up first. Every
+  TCP connection runs its own :class:`~mailharbor.repl.session.ReplSession` up to the
+  handshake; the first authenticated one becomes *the* link. When a second one authenticates
+  while a link exists, both nodes keep the connection initiated by the node with the higher
+  node id and close the other (a deterministic tie-break both sides compute alike). A link
+  that fails the handshake (wrong secret, other settings, unexpected node) is refused and
+  logged; only its socket is dropped.
+* **Events to actions.** ``NeedFrames`` → ``store.read_frames(from, durable=True)``;
+  ``IngestFrames`` → one ingest worker per link (``store.ingest``, group commit) →
+  ``frames_durable``; ``Acked`` → :class:`AsyncBarrier` (``store.barrier``); ``CutTail`` →
+  ``store.cut_tail`` with a quarantine file under ``<data_dir>/quarantine/``; ``NeedDigest`` →
+  ``store.logical_digest``; ``Decision`` → the rule logged by name; ``LinkLost`` → reported,
+  never a role change.
+* **Roles** change only through :class:`~mailharbor.repl.role.RoleController`, asked by the
+  admin commands (``repl primary [--force]`` / ``repl secondary``). Promotion begins a new
+  generation, then starts the node's services (listeners, queue runner) through the hooks the
+  node gave; demotion stops them first (gracefully), settles the store, closes the mirrored
+  range, then flips the role.
+* **Replication metadata** (the history with mirrored ranges, the disk state, the role) is
+  saved with ``store.save_repl_meta`` — in particular ``mirrored_until`` *before* any write is
+  released locally after the peer is lost (docs/replication.md), and a new generation is begun
+  before writes continue without the peer, so each generation has at most one mirrored range.
+
+Invariants:
+
+* A secondary never writes to its store except by ingesting the peer's frames (the admin
+  socket refuses changing commands; no listener or queue runner runs).
+* A primary's write is released by the barrier only per :class:`~mailharbor.repl.barrier.
+  BarrierCore` (protocol C: after the peer's fsync; after a link loss only once
+  ``mirrored_until`` is persisted and the fencing policy allows).
+* Exactly one link is active at a time; frames reach a session in LSN order without gaps (the
+  store's frame listener, synchronous with the append).
+* Peer input never raises here: the session turns it into events; a failure of ours (store
+  error while ingesting) drops the link with REFUSE(INGEST).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import json
+import logging
+import os
+import random
+import time
+from collections.abc import Awaitable, Callable, Iterator, Sequence
+from dataclasses import dataclass, field, replace
+from typing import Protocol
+
+from mailharbor.repl import wire
+from mailharbor.repl.barrier import BarrierCore, BarrierMode, BarrierOutcome, Failed, Released
+from mailharbor.repl.generations import (
+    Action,
+    Branch,
+    Generation,
+    HistoryError,
+    NodeView,
+    extend_history,
+    truncate_history,
+)
+from mailharbor.repl.role import RoleChange, RoleController, RoleError, RoleFacts
+from mailharbor.repl.session import (
+    Acked,
+    BranchComplete,
+    BranchFrames,
+    CutTail,
+    Decision,
+    DiskChanged,
+    HandshakeDone,
+    IngestFrames,
+    LinkLost,
+    NeedDigest,
+    NeedFrames,
+    PeerDiskChanged,
+    PeerInSync,
+    PeerRefused,
+    PeerStateReceived,
+    Phase,
+    ProtocolViolation,
+    ReplSession,
+    SendBytes,
+    SessionConfig,
+    SessionUsageError,
+    VerifyDone,
+    VerifyResult,
+)
+from mailharbor.repl.state import (
+    ConnectionState,
+    DiskState,
+    FencingPolicy,
+    ReplicationState,
+    Role,
+    SplitBrainPolicy,
+)
+from mailharbor.repl.state import (
+    Protocol as ReplProtocol,
+)
+from mailharbor.server.smtp import split_endpoint
+from mailharbor.store import DurabilityBarrier, StoreError, StoreState
+
+__all__ = [
+    "AsyncBarrier",
+    "ReplSettings",
+    "ReplStore",
+    "Replicator",
+    "RoleError",
+    "RoleHooks",
+    "settings_hash",
+]
+
+log = logging.getLogger("mailharbor.repl")
+
+#: Reconnect backoff bounds (seconds); each wait gets up to 50 % random jitter.
+BACKOFF_MIN = 0.1
+BACKOFF_MAX = 2.0
+CONNECT_TIMEOUT = 5.0
+#: Unauthenticated connections handled at once (each ends at the handshake timeout).
+MAX_PENDING_LINKS = 4
+READ_SIZE = 256 * 1024
+META_VERSION = 1
+#: How long `repl verify` waits for the whole comparison.
+VERIFY_TIMEOUT = 600.0
+
+
+class ReplStore(Protocol):
+    """What the adapter needs of the store (``mailharbor.store.Store`` provides it)."""
+
+    node_id: bytes
+    data_dir: str
+    generation: int
+    state: StoreState
+    barrier: DurabilityBarrier | None
+
+    @property
+    def last_lsn(self) -> int: ...
+
+    @property
+    def durable_lsn(self) -> int: ...
+
+    @property
+    def visible_lsn(self) -> int: ...
+
+    @property
+    def first_retained_lsn(self) -> int: ...
+
+    def read_frames(self, from_lsn: int, *, durable: bool = False) -> Iterator[bytes]: ...
+
+    async def ingest(self, frames: Sequence[bytes]) -> int: ...
+
+    async def settle(self) -> None: ...
+
+    def add_frame_listener(self, cb: Callable[[int, bytes], None]) -> None: ...
+
+    def cut_tail(self, after_lsn: int, quarantine_path: str) -> int: ...
+
+    def logical_digest(self, first_lsn: int, last_lsn: int, *, durable: bool = False) -> bytes: ...
+
+    def load_repl_meta(self) -> bytes | None: ...
+
+    def save_repl_meta(self, data: bytes) -> None: ...
+
+    def begin_generation(self, gen: int) -> None: ...
+
+    def generation_history(self) -> list[tuple[int, int, bytes]]: ...
+
+    retain_from: int
+
+
+@dataclass(frozen=True, slots=True)
+class ReplSettings:
+    """The ``[replication]`` section, resolved (secret read) by the node."""
+
+    name: str
+    node_id: bytes
+    listen: str
+    peer: str
+    secret: bytes
+    protocol: ReplProtocol = ReplProtocol.C
+    role: Role = Role.SECONDARY
+    fencing: FencingPolicy = FencingPolicy.DONT_CARE
+    split_brain: SplitBrainPolicy = SplitBrainPolicy.MERGE
+    ack_timeout: float = 6.0
+    ping_interval: float = 2.0
+    ping_timeout: float = 4.0
+    resync_rate: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class RoleHooks:
+    """The node's services, started on promotion and stopped (gracefully) on demotion."""
+
+    start_services: Callable[[], Awaitable[None]]
+    stop_services: Callable[[], Awaitable[None]]
+
+
+def settings_hash(s: ReplSettings) -> bytes:
+    """The hash of the cluster-wide settings; a pair that disagrees refuses to connect."""
+    data = {
+        "v": 1,
+        "protocol": s.protocol.value,
+        "split_brain": s.split_brain.value,
+        "fencing": s.fencing.value,
+        "ack_timeout": s.ack_timeout,
+        "ping_interval": s.ping_interval,
+        "ping_timeout": s.ping_timeout,
+    }
+    return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).digest()
+
+
+class AsyncBarrier:
+    """``store.DurabilityBarrier`` over :class:`BarrierCore`: futures keyed by token."""
+
+    def __init__(self, core: BarrierCore) -> None:
+        self.core = core
+        self._futures: dict[int, asyncio.Future[None]] = {}
+
+    async def wait(self, lsn: int) -> None:
+        fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        token, outcomes = self.core.add_waiter(lsn)
+        self._futures[token] = fut
+        self.dispatch(outcomes)
+        try:
+            await fut
+        finally:
+            if self._futures.pop(token, None) is not None:
+                self.core.cancel(token)
+
+    def dispatch(self, outcomes: Sequence[BarrierOutcome]) -> None:
+        for o in outcomes:
+            fut = self._futures.pop(o.token, None)
+            if fut is None or fut.done():
+                continue
+            if isinstance(o, Released):
+                fut.set_result(None)
+            elif isinstance(o, Failed):
+                fut.set_exception(RuntimeError(f"replication: write not acknowledged: {o.reason}"))
+
+
+@dataclass(eq=False)
+class _Link:
+    """One TCP connection and its session."""
+
+    session: ReplSession
+    reader: asyncio.StreamReader
+    writer: asyncio.StreamWriter
+    initiator: bool
+    peer_addr: str
+    peer_id: bytes | None = None
+    wake: asyncio.Event = field(default_factory=asyncio.Event)
+    ingest_q: list[IngestFrames] = field(default_factory=list)
+    ingest_wake: asyncio.Event = field(default_factory=asyncio.Event)
+    tasks: list[asyncio.Task[None]] = field(default_factory=list)
+    done: asyncio.Event = field(default_factory=asyncio.Event)
+    sync_started: float | None = None
+    sync_start_lsn: int = 0
+    sync_bytes: int = 0
+    closed: bool = False
+    processing: bool = False
+
+
+class Replicator:
+    """See the module docstring."""
+
+    def __init__(
+        self,
+        store: ReplStore,
+        settings: ReplSettings,
+        hooks: RoleHooks,
+        *,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.store = store
+        self.settings = settings
+        self.hooks = hooks
+        self.clock = clock
+        self.node_id = settings.node_id
+        self.core = BarrierCore(settings.protocol, settings.fencing)
+        self.barrier = AsyncBarrier(self.core)
+        self.roles = RoleController(Role.SECONDARY)
+        self.disk = DiskState.OUTDATED
+        self.history: tuple[Generation, ...] = ()
+        self.peer_max_generation = 0
+        self.peer_id: bytes | None = None
+        self.peer_view: NodeView | None = None
+        self.peer_disk: DiskState | None = None
+        self.last_rule = ""
+        self.last_link_lost = ""
+        self.standalone = False
+        self.standalone_reason = ""
+        self.frozen_since: float | None = None
+        self._hold: str = ""
+        self._links: list[_Link] = []
+        self._active: _Link | None = None
+        self._server: asyncio.Server | None = None
+        self._connect_task: asyncio.Task[None] | None = None
+        self._auto_task: asyncio.Task[None] | None = None
+        self._gen_task: asyncio.Task[None] | None = None
+        self._first_start = False
+        self._connect_wake = asyncio.Event()
+        self._outbound: _Link | None = None
+        self._stopping = False
+        self._verify: asyncio.Future[dict[str, object]] | None = None
+        self._verify_results: list[tuple[int, int, bool | None]] = []
+        self._role_lock = asyncio.Lock()
+        self._hash = settings_hash(settings)
+
+    # -- lifetime ------------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        """Load the metadata, set the barrier, listen, connect; promote if configured so."""
+        start_role = self._load_meta()
+        self.store.barrier = self.barrier
+        self.store.add_frame_listener(self._on_frame)
+        host, port = split_endpoint(self.settings.listen)
+        self._server = await asyncio.start_server(self._accept, host, port)
+        log.info(
+            "replication: %s listening on %s, peer %s, protocol %s, disk %s, fencing %s",
+            self.settings.name,
+            self.settings.listen,
+            self.settings.peer,
+            self.settings.protocol.value,
+            self.disk.value,
+            self.settings.fencing.value,
+        )
+        self._save_meta()
+        loop = asyncio.get_running_loop()
+        self._connect_task = loop.create_task(self._connect_loop())
+        if start_role is Role.PRIMARY:
+            if self._first_start:
+                await self.promote(force=False, reason="replication.role = primary, first start")
+            else:
+                self._auto_task = loop.create_task(self._auto_promote())
+
+    async def stop(self) -> None:
+        """Close the link and the listener (the node stopped its services before)."""
+        self._stopping = True
+        if self._auto_task is not None:
+            self._auto_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._auto_task
+            self._auto_task = None
+        if self._gen_task is not None:
+            self._gen_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await self._gen_task
+        if self._connect_task is not None:
+            self._connect_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._connect_task
+            self._connect_task = None
+        if self._server is not None:
+            self._server.close()
+            with contextlib.suppress(Exception):
+                await self._server.wait_closed()
+            self._server = None
+        for link in list(self._links):
+            self._close_link(link, "shutdown")
+        for link in list(self._links):
+            await self._finish_link(link)
+        if self.roles.role is Role.PRIMARY:
+            self._end_mirroring("shutdown")
+            if self.core.pending:
+                self.barrier.dispatch(self.core.fail_pending("node stopping"))
+        with contextlib.suppress(Exception):
+            self._save_meta()
+        if self._verify is not None and not self._verify.done():
+            self._verify.set_exception(RoleError("the node is stopping"))
+
+    # -- metadata ------------------------------------------------------------------------------
+
+    def _load_meta(self) -> Role:
+        """Derive the history from the log (plus the saved mirrored ranges), the disk state and
+        the role to start in."""
+        raw = self.store.load_repl_meta()
+        meta: dict[str, object] = {}
+        if raw:
+            try:
+                loaded = json.loads(raw)
+                if isinstance(loaded, dict) and loaded.get("version") == META_VERSION:
+                    meta = loaded
+                else:
+                    log.warning("replication metadata of an unknown version ignored")
+            except ValueError:
+                log.warning("replication metadata unreadable, ignored")
+        saved: dict[tuple[int, int], Generation] = {}
+        hist = meta.get("history")
+        if isinstance(hist, list):
+            for h in hist:
+                try:
+                    g = Generation(
+                        int(h[0]),
+                        int(h[1]),
+                        bytes.fromhex(str(h[2])),
+                        None if h[3] is None else int(h[3]),
+                        None if h[4] is None else int(h[4]),
+                    )
+                except (TypeError, ValueError, IndexError):
+                    continue
+                saved[(g.number, g.first_lsn)] = g
+        last = self.store.last_lsn
+        out: list[Generation] = []
+        for number, first, origin in self.store.generation_history():
+            g0 = saved.get((number, first))
+            if g0 is None or g0.origin != origin:
+                g0 = Generation(number, first, origin)
+            if out and (number <= out[-1].number or g0.key == out[-1].key):
+                continue
+            out.append(g0)
+        # Our own begun generation, nothing written in it yet (not in the log's history).
+        tail = [g for g in saved.values() if g.first_lsn > last and g.origin == self.node_id]
+        for g in sorted(tail, key=lambda g: g.number):
+            if not out or g.number > out[-1].number:
+                out.append(g)
+        self.history = tuple(out)
+        peer_gen = meta.get("peer_max_generation")
+        self.peer_max_generation = peer_gen if isinstance(peer_gen, int) else 0
+        saved_role = meta.get("role")
+        disk_name = meta.get("disk")
+        want = self.settings.role
+        if not meta:
+            self._first_start = True
+            if want is Role.PRIMARY:
+                self.disk = DiskState.UP_TO_DATE
+            else:
+                self.disk = DiskState.OUTDATED if last else DiskState.INCONSISTENT
+            return want
+        try:
+            disk = DiskState(disk_name)
+        except ValueError:
+            disk = DiskState.OUTDATED
+        if saved_role != Role.PRIMARY.value and disk is DiskState.UP_TO_DATE:
+            # A secondary cannot know what its peer acknowledged while it was down.
+            disk = DiskState.OUTDATED
+        self.disk = disk
+        if want is Role.PRIMARY:
+            if saved_role == Role.PRIMARY.value and disk is DiskState.UP_TO_DATE:
+                return Role.PRIMARY
+            log.warning(
+                "replication: starting as secondary although replication.role = primary: this "
+                "node was %s with disk %s when it stopped (no automatic failback; use `repl "
+                "primary` once it is safe)",
+                "primary" if saved_role == Role.PRIMARY.value else "secondary",
+                disk.value,
+            )
+        return Role.SECONDARY
+
+    def _meta_bytes(self) -> bytes:
+        data = {
+            "version": META_VERSION,
+            "node_id": self.node_id.hex(),
+            "role": self.roles.role.value,
+            "disk": self.disk.value,
+            "peer_id": self.peer_id.hex() if self.peer_id else None,
+            "peer_max_generation": self.peer_max_generation,
+            "history": [
+                [g.number, g.first_lsn, g.origin.hex(), g.mirrored_from, g.mirrored_until]
+                for g in self.history
+            ],
+            "saved_at": round(time.time(), 3),
+        }
+        return json.dumps(data, sort_keys=True).encode()
+
+    def _save_meta(self) -> None:
+        self.store.save_repl_meta(self._meta_bytes())
+
+    # -- views ---------------------------------------------------------------------------------
+
+    @property
+    def role(self) -> Role:
+        return self.roles.role
+
+    def is_primary(self) -> bool:
+        return self.roles.role is Role.PRIMARY
+
+    def view(self) -> NodeView:
+        last = self.store.last_lsn
+        hist = tuple(g for g in self.history if g.first_lsn <= last + 1)
+        return NodeView(
+            node_id=self.node_id,
+            role=self.roles.role,
+            disk=self.disk,
+            history=hist,
+            last_lsn=last,
+            first_retained_lsn=max(1, self.store.first_retained_lsn),
+        )
+
+    def _max_generation(self) -> int:
+        return max(
+            [self.store.generation, self.peer_max_generation, *(g.number for g in self.history)]
+        )
+
+    def _session_config(self) -> SessionConfig:
+        s = self.settings
+        return SessionConfig(
+            node_id=self.node_id,
+            secret=s.secret,
+            settings_hash=self._hash,
+            protocol=s.protocol,
+            split_brain=s.split_brain,
+            term=max([0, *(g.number for g in self.history)]),
+            ack_timeout=s.ack_timeout,
+            ping_interval=s.ping_interval,
+            ping_timeout=s.ping_timeout,
+            resync_rate=s.resync_rate or None,
+        )
+
+    # -- connections ---------------------------------------------------------------------------
+
+    async def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        peer = writer.get_extra_info("peername")
+        addr = f"{peer[0]}:{peer[1]}" if isinstance(peer, tuple) else str(peer)
+        pending = sum(1 for x in self._links if x.peer_id is None)
+        if self._stopping or self.standalone or pending >= MAX_PENDING_LINKS:
+            writer.close()
+            return
+        link = self._new_link(reader, writer, initiator=False, addr=addr)
+        await link.done.wait()
+
+    async def _connect_loop(self) -> None:
+        backoff = BACKOFF_MIN
+        host, port = split_endpoint(self.settings.peer)
+        while not self._stopping:
+            if self.standalone or self._active is not None or self._outbound is not None:
+                self._connect_wake.clear()
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._connect_wake.wait(), 1.0)
+                continue
+            try:
+                reader, writer = await asyncio.wait_for(
+                    asyncio.open_connection(host or "127.0.0.1", port), CONNECT_TIMEOUT
+                )
+            except (OSError, TimeoutError) as e:
+                log.debug("replication: connecting to %s failed: %s", self.settings.peer, e)
+                self._connect_wake.clear()
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(
+                        self._connect_wake.wait(), backoff * (1 + random.random() / 2)
+                    )
+                backoff = min(BACKOFF_MAX, backoff * 2)
+                continue
+            link = self._new_link(reader, writer, initiator=True, addr=self.settings.peer)
+            self._outbound = link
+            try:
+                await link.done.wait()
+            finally:
+                self._outbound = None
+            if link.peer_id is None or link.session.close_reason in (
+                "handshake-refused",
+                "peer-refused",
+                "protocol-violation",
+                "handshake-timeout",
+            ):
+                await asyncio.sleep(backoff * (1 + random.random() / 2))
+                backoff = min(BACKOFF_MAX, backoff * 2)
+            else:
+                backoff = BACKOFF_MIN
+
+    def _new_link(
+        self,
+        reader: asyncio.StreamReader,
+        writer: asyncio.StreamWriter,
+        *,
+        initiator: bool,
+        addr: str,
+    ) -> _Link:
+        session = ReplSession(
+            self._session_config(), self.view(), self.clock, nonce=os.urandom(wire.NONCE_SIZE)
+        )
+        link = _Link(session, reader, writer, initiator, addr)
+        self._links.append(link)
+        loop = asyncio.get_running_loop()
+        link.tasks = [
+            loop.create_task(self._read_loop(link)),
+            loop.create_task(self._timer_loop(link)),
+            loop.create_task(self._ingest_loop(link)),
+        ]
+        session.start()
+        self._process(link)
+        return link
+
+    async def _read_loop(self, link: _Link) -> None:
+        s = link.session
+        try:
+            while s.phase is not Phase.CLOSED:
+                try:
+                    data = await link.reader.read(READ_SIZE)
+                except (OSError, ConnectionError):
+                    data = b""
+                if not data:
+                    s.receive_eof()
+                    self._process(link)
+                    break
+                s.receive_data(data)
+                self._process(link)
+        finally:
+            if not link.closed:
+                self._close_link(link, "connection closed")
+
+    async def _timer_loop(self, link: _Link) -> None:
+        s = link.session
+        while s.phase is not Phase.CLOSED:
+            deadline = s.next_deadline()
+            if deadline is None:
+                break
+            delay = deadline - self.clock()
+            if delay > 0:
+                link.wake.clear()
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(link.wake.wait(), delay)
+                continue
+            s.tick()
+            self._process(link)
+            if s.next_deadline() == deadline:
+                await asyncio.sleep(0.01)  # nothing moved: do not spin
+
+    async def _ingest_loop(self, link: _Link) -> None:
+        s = link.session
+        while s.phase is not Phase.CLOSED:
+            if not link.ingest_q:
+                link.ingest_wake.clear()
+                await link.ingest_wake.wait()
+                continue
+            batch, link.ingest_q = link.ingest_q, []
+            frames = [f for b in batch for f in b.frames]
+            last = batch[-1].first_lsn + len(batch[-1].frames) - 1
+            try:
+                await self.store.ingest(frames)
+            except Exception as e:
+                log.error("replication: storing the peer's frames failed: %s", e)
+                s.ingest_failed()
+                self._process(link)
+                return
+            self._note_ingested(frames)
+            link.sync_bytes += wire.frames_size(frames)
+            s.frames_durable(last)
+            self._process(link)
+
+    def _note_ingested(self, frames: Sequence[bytes]) -> None:
+        hist = self.history
+        for raw in frames:
+            info = wire.peek_frame(raw)
+            try:
+                hist = extend_history(hist, info.generation, info.lsn, info.origin)
+            except HistoryError:
+                # An empty generation of ours (begun, never written) is superseded.
+                hist = truncate_history(hist, info.lsn - 1)
+                hist = extend_history(hist, info.generation, info.lsn, info.origin)
+        if hist != self.history:
+            self.history = hist
+            self._save_meta()
+
+    def _close_link(self, link: _Link, reason: str) -> None:
+        """Drop ``link`` on purpose: REFUSE(SHUTDOWN) goes out, then LinkLost is handled."""
+        if link.session.phase is not Phase.CLOSED:
+            link.session.close(reason)
+            self._process(link)  # LinkLost -> _on_link_lost -> _link_gone
+        elif not link.processing:
+            self._link_gone(link)
+
+    def _link_gone(self, link: _Link) -> None:
+        if link.closed:
+            return
+        link.closed = True
+        with contextlib.suppress(Exception):
+            link.writer.close()
+        link.wake.set()
+        link.ingest_wake.set()
+        current = asyncio.current_task()
+        for t in link.tasks:
+            if t is not current:
+                t.cancel()
+        if link in self._links:
+            self._links.remove(link)
+        link.done.set()
+        self._connect_wake.set()
+
+    async def _finish_link(self, link: _Link) -> None:
+        for t in link.tasks:
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await t
+
+    # -- the frame listener --------------------------------------------------------------------
+
+    def _on_frame(self, lsn: int, frame: bytes) -> None:
+        if self.roles.role is not Role.PRIMARY:
+            return  # ingested frames on a secondary
+        for link in list(self._links):
+            if link.session.phase is Phase.CLOSED:
+                continue
+            try:
+                link.session.frames_appended([frame])
+            except SessionUsageError as e:
+                log.error("replication: link out of step with the log (%s): reconnecting", e)
+                self._close_link(link, "out-of-step")
+                continue
+            self._process(link)
+
+    # -- events --------------------------------------------------------------------------------
+
+    def _process(self, link: _Link) -> None:
+        """Act on every pending event of ``link``'s session (not re-entrant: an inner call
+        leaves the events to the running loop)."""
+        if link.processing:
+            return
+        link.processing = True
+        try:
+            while True:
+                ev = link.session.next_event()
+                if ev is None:
+                    break
+                try:
+                    self._handle(link, ev)
+                except SessionUsageError as e:
+                    log.error("replication: adapter error (%s): dropping the link", e)
+                    link.session.close("adapter-error")
+        finally:
+            link.processing = False
+        link.wake.set()
+
+    def _handle(self, link: _Link, ev: object) -> None:
+        s = link.session
+        if isinstance(ev, SendBytes):
+            if not link.closed:
+                with contextlib.suppress(Exception):
+                    link.writer.write(ev.data)
+        elif isinstance(ev, HandshakeDone):
+            self._on_handshake(link, ev)
+        elif isinstance(ev, PeerStateReceived):
+            if link is self._active:
+                self.peer_view = ev.view
+                self.peer_disk = ev.view.disk
+                self.peer_max_generation = max(
+                    [self.peer_max_generation, *(g.number for g in ev.view.history)]
+                )
+                if self._hold == "peer-outdated" and ev.view.role is not Role.PRIMARY:
+                    log.info("replication: the peer is back and will sync from us: writes resume")
+                    self._resume_writes()
+        elif isinstance(ev, Decision):
+            self._on_decision(link, ev)
+        elif isinstance(ev, CutTail):
+            self._cut_tail(link, ev.after_lsn)
+        elif isinstance(ev, NeedFrames):
+            s.send_frames(self._read_frames(ev.from_lsn, ev.max_bytes))
+        elif isinstance(ev, IngestFrames):
+            if link.sync_started is None:
+                link.sync_started = self.clock()
+                link.sync_start_lsn = ev.first_lsn - 1
+            link.ingest_q.append(ev)
+            link.ingest_wake.set()
+        elif isinstance(ev, BranchFrames | BranchComplete):
+            pass  # merge is refused at the decision (see _on_decision)
+        elif isinstance(ev, Acked):
+            self.barrier.dispatch(self.core.peer_confirmed(ev.lsn))
+            # Compaction keeps what the peer may still need (docs/store.md).
+            self.store.retain_from = ev.durable_lsn + 1
+        elif isinstance(ev, PeerInSync):
+            self._on_peer_in_sync(ev.first_live_lsn)
+        elif isinstance(ev, DiskChanged):
+            if self.disk is not ev.disk:
+                log.info("replication: disk %s -> %s", self.disk.value, ev.disk.value)
+                self.disk = ev.disk
+                self._save_meta()
+        elif isinstance(ev, PeerDiskChanged):
+            self.peer_disk = ev.disk
+            log.info("replication: peer disk is %s", ev.disk.value)
+        elif isinstance(ev, NeedDigest):
+            s.provide_digest(ev.first_lsn, ev.last_lsn, self._digest(ev.first_lsn, ev.last_lsn))
+        elif isinstance(ev, VerifyResult):
+            self._verify_results.append((ev.first_lsn, ev.last_lsn, ev.match))
+            if ev.match is False:
+                log.error(
+                    "replication verify: LSNs %d-%d differ from the peer", ev.first_lsn, ev.last_lsn
+                )
+        elif isinstance(ev, VerifyDone):
+            self._verify_done(ev)
+        elif isinstance(ev, ProtocolViolation):
+            log.warning(
+                "replication: link with %s refused: %s (%s)",
+                link.peer_addr,
+                ev.detail,
+                ev.reason.name,
+            )
+        elif isinstance(ev, PeerRefused):
+            log.warning(
+                "replication: the peer at %s refused the link: %s (%s)",
+                link.peer_addr,
+                ev.detail,
+                ev.reason.name,
+            )
+        elif isinstance(ev, LinkLost):
+            self._on_link_lost(link, ev.reason)
+
+    def _read_frames(self, from_lsn: int, max_bytes: int) -> list[bytes]:
+        out: list[bytes] = []
+        size = 0
+        for raw in self.store.read_frames(from_lsn, durable=True):
+            out.append(raw)
+            size += len(raw)
+            if size >= max_bytes:
+                break
+        return out
+
+    def _digest(self, first: int, last: int) -> bytes:
+        if first < max(1, self.store.first_retained_lsn) or last > self.store.durable_lsn:
+            return b""
+        return self.store.logical_digest(first, last, durable=True)
+
+    def _on_handshake(self, link: _Link, ev: HandshakeDone) -> None:
+        link.peer_id = ev.peer_id
+        self.peer_id = ev.peer_id
+        other = self._active
+        if other is None or other is link:
+            self._active = link
+            log.info(
+                "replication: link to %s authenticated (peer %s, wire version %d, %s)",
+                link.peer_addr,
+                ev.peer_id.hex(),
+                ev.version,
+                "outbound" if link.initiator else "inbound",
+            )
+            return
+        keep = max(self.node_id, ev.peer_id)
+
+        def initiator_id(x: _Link) -> bytes:
+            return self.node_id if x.initiator else ev.peer_id
+
+        if initiator_id(link) == keep and initiator_id(other) != keep:
+            log.info(
+                "replication: two connections to the peer; keeping the one %s opened",
+                "this node" if link.initiator else "the peer",
+            )
+            self._close_link(other, "duplicate-connection")
+            self._active = link
+        else:
+            self._close_link(link, "duplicate-connection")
+
+    def _on_decision(self, link: _Link, ev: Decision) -> None:
+        o = ev.outcome
+        self.last_rule = o.rule
+        because = " <- ".join(reversed(o.because))
+        if o.action is Action.DISCONNECT or o.full_sync:
+            why = "split brain detected" if o.split_brain else "reconnect refused"
+            if o.full_sync:
+                why = "the peer needs a full sync (not implemented yet)"
+            log.error(
+                "replication: %s: %s (%s); divergence LSN %d, local tail %d, peer tail %d%s. "
+                "The link stays down (StandAlone) until `repl connect`.",
+                why,
+                o.rule,
+                because,
+                o.divergence_lsn,
+                o.local_tail,
+                o.peer_tail,
+                f"; {o.detail}" if o.detail else "",
+            )
+            self._go_standalone(o.rule)
+            return
+        if o.branch is not Branch.NONE:
+            log.error(
+                "replication: split brain detected: %s (%s); divergence LSN %d, local tail %d "
+                "(acknowledged: %s), peer tail %d (acknowledged: %s). The merge replay is not "
+                "implemented yet: disconnecting (StandAlone). Resolve by hand: on the node whose "
+                "changes are to be dropped run `repl secondary` and `repl invalidate`, then "
+                "`repl connect` on both.",
+                o.rule,
+                because,
+                o.divergence_lsn,
+                o.local_tail,
+                o.local_tail_acked,
+                o.peer_tail,
+                o.peer_tail_acked,
+            )
+            self._go_standalone(o.rule)
+            link.session.close("merge-not-implemented")
+            return
+        log.info(
+            "replication: reconnect decision %s (%s): %s, divergence LSN %d, local tail %d, "
+            "peer tail %d%s",
+            o.rule,
+            because,
+            o.action.value,
+            o.divergence_lsn,
+            o.local_tail,
+            o.peer_tail,
+            ", this node cuts its tail" if o.cut_local_after is not None else "",
+        )
+        receives = o.action is Action.SYNC_TARGET or (
+            o.action is Action.IN_SYNC
+            and self.peer_view is not None
+            and self.peer_view.role is Role.PRIMARY
+        )
+        if receives and o.cut_local_after is None:
+            # Drop generations we only began (no records after d): the peer's history wins.
+            hist = truncate_history(self.history, o.divergence_lsn)
+            if hist != self.history:
+                self.history = hist
+                self._save_meta()
+
+    def _go_standalone(self, reason: str) -> None:
+        self.standalone = True
+        self.standalone_reason = reason
+
+    def _cut_tail(self, link: _Link, after: int) -> None:
+        link.tasks.append(asyncio.get_running_loop().create_task(self._cut_tail_task(link, after)))
+
+    async def _cut_tail_task(self, link: _Link, after: int) -> None:
+        with contextlib.suppress(Exception):
+            await self.store.settle()
+        if link.session.phase is Phase.CLOSED:
+            return
+        qdir = os.path.join(self.store.data_dir, "quarantine")
+        os.makedirs(qdir, exist_ok=True)
+        stamp = time.strftime("%Y%m%dT%H%M%S")
+        path = os.path.join(qdir, f"cut-{stamp}-after-{after}.log")
+        try:
+            n = self.store.cut_tail(after, path)
+        except Exception as e:
+            log.error("replication: cutting the log after LSN %d failed: %s", after, e)
+            link.session.ingest_failed()
+            self._process(link)
+            return
+        log.warning(
+            "replication: cut %d record(s) after LSN %d into quarantine %s (rule %s)",
+            n,
+            after,
+            path,
+            self.last_rule,
+        )
+        self.history = truncate_history(self.history, after)
+        self._save_meta()
+        link.session.tail_cut(after)
+        self._process(link)
+
+    def _on_peer_in_sync(self, first_live: int) -> None:
+        if self.roles.role is not Role.PRIMARY:
+            return
+        mf = self.core.require_peer()
+        if mf is None:
+            log.info("replication: peer in sync from LSN %d (protocol A)", first_live)
+            return
+        cur = self.history[-1] if self.history else None
+        if (
+            cur is not None
+            and cur.origin == self.node_id
+            and cur.mirrored_from is None
+            and cur.mirrored_until is None
+        ):
+            self.history = (*self.history[:-1], replace(cur, mirrored_from=mf))
+            self._save_meta()
+        # else: the generation already had a mirrored range (a new one is being begun):
+        # claiming no range is the conservative side.
+        log.info(
+            "replication: peer in sync from LSN %d: writes now wait for the peer (protocol %s)",
+            first_live,
+            self.settings.protocol.value,
+        )
+
+    def _on_link_lost(self, link: _Link, reason: str) -> None:
+        was_active = link is self._active
+        self._link_gone(link)
+        if not was_active:
+            if link.peer_id is None:
+                log.info("replication: connection %s closed (%s)", link.peer_addr, reason)
+            return
+        self._active = None
+        self.last_link_lost = reason
+        self.peer_view = None
+        log.warning("replication: link to the peer lost (%s)", reason)
+        if self.roles.role is Role.PRIMARY:
+            self._end_mirroring(reason)
+
+    def _end_mirroring(self, reason: str) -> None:
+        """The peer no longer confirms writes: persist the mirrored end, begin a new
+        generation, then resume or hold per the fencing policy."""
+        loss = self.core.link_lost()
+        if loss.mirrored_until is None:
+            return
+        cur = self.history[-1] if self.history else None
+        if cur is not None and cur.origin == self.node_id:
+            self.history = (*self.history[:-1], replace(cur, mirrored_until=loss.mirrored_until))
+        self._save_meta()  # before any write is released without the peer
+        log.info("replication: mirrored up to LSN %d (%s)", loss.mirrored_until, reason)
+        # Writes continue without the peer in a new generation, begun as soon as nothing is
+        # pending (the store refuses it before); meanwhile they are in the old generation,
+        # after its mirrored range: counted as acknowledged, the safe side.
+        if not self._stopping and (self._gen_task is None or self._gen_task.done()):
+            self._gen_task = asyncio.get_running_loop().create_task(self._new_generation_task())
+        if loss.resume_when == "now":
+            self._resume_writes()
+        else:
+            self._hold = loss.resume_when
+            self.frozen_since = self.clock()
+            log.error(
+                "replication: peer lost with fencing %s: %d write(s) held until the %s",
+                self.settings.fencing.value,
+                loss.held,
+                "peer is Outdated (reconnects)"
+                if loss.resume_when == "peer-outdated"
+                else "peer is fenced",
+            )
+
+    async def _new_generation_task(self) -> None:
+        try:
+            await self._begin_generation()
+        except Exception as e:
+            log.error("replication: could not begin a new generation: %s", e)
+
+    async def _begin_generation(self) -> int:
+        """Begin a new generation of ours once nothing is pending (retrying under load)."""
+        while True:
+            with contextlib.suppress(Exception):
+                await self.store.settle()
+            gen = self._max_generation() + 1
+            try:
+                self.store.begin_generation(gen)
+            except StoreError as e:
+                if self.store.state is not StoreState.OPEN:
+                    raise
+                log.debug("replication: generation %d not begun yet: %s", gen, e)
+                await asyncio.sleep(0.01)
+                continue
+            self.history = (
+                *truncate_history(self.history, self.store.last_lsn),
+                Generation(gen, self.store.last_lsn + 1, self.node_id),
+            )
+            self._save_meta()
+            log.info("replication: generation %d begins at LSN %d", gen, self.store.last_lsn + 1)
+            return gen
+
+    def _resume_writes(self) -> None:
+        self._hold = ""
+        self.frozen_since = None
+        self.barrier.dispatch(self.core.resume_local())
+
+    def peer_fenced(self) -> None:
+        """The cluster layer confirmed the peer is fenced: held writes continue alone."""
+        if self._hold:
+            log.info("replication: peer fenced: writes resume")
+            self._resume_writes()
+
+    async def _auto_promote(self) -> None:
+        """``replication.role = primary`` on a restart: first look for the peer (for up to a
+        keep-alive period); promote only if it is not primary (no automatic failback)."""
+        wait = self.settings.ping_interval + self.settings.ping_timeout
+        deadline = self.clock() + wait
+        while self.clock() < deadline:
+            if self._active is not None and self.peer_view is not None:
+                break
+            await asyncio.sleep(0.05)
+        pv = self.peer_view if self._active is not None else None
+        if pv is not None and pv.role is Role.PRIMARY:
+            log.warning(
+                "replication: replication.role = primary, but the peer is primary: staying "
+                "secondary (no automatic failback)"
+            )
+            return
+        try:
+            await self.promote(force=False, reason="replication.role = primary")
+        except RoleError as e:
+            log.warning("replication: not promoted at start: %s", e)
+
+    # -- role changes --------------------------------------------------------------------------
+
+    def _facts(self) -> RoleFacts:
+        link = self._active
+        pv = self.peer_view
+        return RoleFacts(
+            disk=self.disk,
+            last_lsn=self.store.last_lsn,
+            max_generation=self._max_generation(),
+            peer_connected=link is not None and pv is not None,
+            peer_role=pv.role if pv is not None else None,
+            peer_disk=self.peer_disk if link is not None else None,
+            peer_last_lsn=pv.last_lsn if pv is not None else None,
+        )
+
+    async def promote(
+        self, *, force: bool = False, reason: str = "repl primary"
+    ) -> dict[str, object]:
+        """Become primary (RoleError if refused), then start the services."""
+        async with self._role_lock:
+            change = self.roles.request_primary(self._facts(), force=force)
+            if change is None:
+                return {"role": Role.PRIMARY.value, "changed": False}
+            try:
+                await self._do_promote(change, reason)
+            except BaseException:
+                self.roles.abandoned(change)
+                raise
+            return {
+                "role": Role.PRIMARY.value,
+                "changed": True,
+                "generation": self._max_generation(),
+                "warning": change.warning,
+            }
+
+    async def _do_promote(self, change: RoleChange, reason: str) -> None:
+        if change.warning:
+            log.warning("replication: %s", change.warning)
+        if self._gen_task is not None and not self._gen_task.done():
+            with contextlib.suppress(Exception):
+                await self._gen_task
+        gen = await self._begin_generation()
+        if change.forced:
+            self.disk = DiskState.UP_TO_DATE
+        self.roles.committed(change)
+        self._save_meta()
+        log.info(
+            "replication: %s is now Primary, generation %d (%s%s)",
+            self.settings.name,
+            gen,
+            reason,
+            ", forced" if change.forced else "",
+        )
+        self._announce()
+        await self.hooks.start_services()
+
+    async def demote(self) -> dict[str, object]:
+        """Stop the services (gracefully), settle the store, become secondary."""
+        async with self._role_lock:
+            change = self.roles.request_secondary()
+            if change is None:
+                return {"role": Role.SECONDARY.value, "changed": False}
+            try:
+                await self.hooks.stop_services()
+                with contextlib.suppress(Exception):
+                    await asyncio.wait_for(self.store.settle(), self.settings.ack_timeout * 2)
+                self._end_mirroring_on_demotion()
+                self.roles.committed(change)
+            except BaseException:
+                self.roles.abandoned(change)
+                raise
+            self._save_meta()
+            log.info("replication: %s is now Secondary", self.settings.name)
+            self._announce()
+            return {"role": Role.SECONDARY.value, "changed": True}
+
+    def _end_mirroring_on_demotion(self) -> None:
+        loss = self.core.link_lost()
+        if loss.mirrored_until is not None:
+            cur = self.history[-1] if self.history else None
+            if cur is not None and cur.origin == self.node_id:
+                self.history = (
+                    *self.history[:-1],
+                    replace(cur, mirrored_until=loss.mirrored_until),
+                )
+            self._save_meta()
+        self._hold = ""
+        self.barrier.dispatch(self.core.resume_local())
+
+    def _announce(self) -> None:
+        """Tell the peer about a role/history change: a STATE update on an established link;
+        any other link is dropped and reconnects with the new view."""
+        view = self.view()
+        for link in list(self._links):
+            s = link.session
+            if s.phase is Phase.ESTABLISHED and link is self._active:
+                s.update_local(view)
+                self._process(link)
+            else:
+                self._close_link(link, "role-changed")
+
+    # -- admin commands ------------------------------------------------------------------------
+
+    def connect(self) -> dict[str, object]:
+        was = self.standalone
+        self.standalone = False
+        self.standalone_reason = ""
+        self._connect_wake.set()
+        return {"connecting": True, "was_standalone": was}
+
+    def disconnect(self) -> dict[str, object]:
+        self._go_standalone("repl disconnect")
+        for link in list(self._links):
+            self._close_link(link, "disconnect")
+        return {"standalone": True}
+
+    async def verify(self) -> dict[str, object]:
+        link = self._active
+        if link is None or link.session.phase is not Phase.ESTABLISHED:
+            raise RoleError("verify needs the peer connected and in sync (Established)")
+        if self._verify is not None and not self._verify.done():
+            raise RoleError("a verify is already running")
+        s = link.session
+        last = s.peer_durable if self.is_primary() else self.store.durable_lsn
+        first = max(1, self.store.first_retained_lsn)
+        if last < first:
+            return {"ranges": 0, "mismatches": [], "first_lsn": first, "last_lsn": last}
+        self._verify = asyncio.get_running_loop().create_future()
+        self._verify_results = []
+        s.start_verify(first, last, step=max(1000, (last - first + 1) // 64 + 1))
+        self._process(link)
+        result = await asyncio.wait_for(asyncio.shield(self._verify), VERIFY_TIMEOUT)
+        result.update({"first_lsn": first, "last_lsn": last})
+        return result
+
+    def _verify_done(self, ev: VerifyDone) -> None:
+        unchecked = [(a, b) for a, b, m in self._verify_results if m is None]
+        result: dict[str, object] = {
+            "ranges": ev.ranges,
+            "mismatches": [list(r) for r in ev.mismatches],
+            "unchecked": [list(r) for r in unchecked],
+        }
+        log.info("replication verify: %d range(s), %d mismatch(es)", ev.ranges, len(ev.mismatches))
+        if self._verify is not None and not self._verify.done():
+            self._verify.set_result(result)
+
+    async def invalidate(self) -> dict[str, object]:
+        """Discard this secondary's log (into quarantine) and resync it from the peer."""
+        async with self._role_lock:
+            if self.is_primary():
+                raise RoleError("invalidate is for a secondary: run `repl secondary` first")
+            for link in list(self._links):
+                self._close_link(link, "invalidate")
+            await self.store.settle()
+            qdir = os.path.join(self.store.data_dir, "quarantine")
+            os.makedirs(qdir, exist_ok=True)
+            path = os.path.join(qdir, f"invalidate-{time.strftime('%Y%m%dT%H%M%S')}.log")
+            n = self.store.cut_tail(0, path)
+            self.history = ()
+            self.disk = DiskState.INCONSISTENT
+            self._save_meta()
+            log.warning(
+                "replication: invalidated: %d record(s) moved to %s; a full resync from the "
+                "peer follows",
+                n,
+                path,
+            )
+            self.standalone = False
+            self._connect_wake.set()
+            return {"quarantined_records": n, "quarantine": path, "disk": self.disk.value}
+
+    def status(self) -> dict[str, object]:
+        link = self._active
+        s = link.session if link is not None else None
+        if s is None:
+            cstate = (
+                ConnectionState.STANDALONE if self.standalone else ConnectionState.WF_CONNECTION
+            )
+        elif s.outcome is None:
+            cstate = ConnectionState.WF_REPORT_PARAMS
+        else:
+            cstate = ConnectionState.CONNECTED
+        rstate = {
+            Phase.SYNC_SOURCE: ReplicationState.SYNC_SOURCE,
+            Phase.SYNC_TARGET: ReplicationState.SYNC_TARGET,
+            Phase.ESTABLISHED: ReplicationState.ESTABLISHED,
+        }.get(s.phase if s is not None else Phase.CLOSED, ReplicationState.OFF)
+        last = self.store.last_lsn
+        out: dict[str, object] = {
+            "node": self.settings.name,
+            "role": self.roles.role.value,
+            "disk": self.disk.value,
+            "connection": cstate.value,
+            "replication": rstate.value,
+            "protocol": self.settings.protocol.value,
+            "fencing": self.settings.fencing.value,
+            "peer": self.settings.peer,
+            "peer_id": self.peer_id.hex() if self.peer_id else None,
+            "peer_role": self.peer_view.role.value if self.peer_view and s else None,
+            "peer_disk": self.peer_disk.value if self.peer_disk and s else None,
+            "last_lsn": last,
+            "durable_lsn": self.store.durable_lsn,
+            "visible_lsn": self.store.visible_lsn,
+            "generation": self._max_generation(),
+            "history": [
+                {
+                    "generation": g.number,
+                    "first_lsn": g.first_lsn,
+                    "origin": g.origin.hex(),
+                    "mirrored": [g.mirrored_from, g.mirrored_until],
+                }
+                for g in self.history[-8:]
+            ],
+            "barrier": self.core.mode.value,
+            "writes_held": self.core.pending if self.core.mode is BarrierMode.FROZEN else 0,
+            "frozen": bool(self._hold),
+            "last_decision": self.last_rule,
+            "last_link_lost": self.last_link_lost,
+            "standalone_reason": self.standalone_reason,
+        }
+        if s is not None:
+            if self.is_primary():
+                out["peer_received_lsn"] = s.peer_received
+                out["peer_durable_lsn"] = s.peer_durable
+                out["lag_lsns"] = max(0, last - s.peer_durable)
+            else:
+                peer_last = max(s.received_lsn, self.peer_view.last_lsn if self.peer_view else 0)
+                out["peer_last_lsn"] = peer_last
+                out["lag_lsns"] = max(0, peer_last - self.store.durable_lsn)
+            out.update(self._resync_status(link, s))
+        return out
+
+    def _resync_status(self, link: _Link | None, s: ReplSession) -> dict[str, object]:
+        now = self.clock()
+        if s.phase is Phase.SYNC_SOURCE:
+            remaining = s.resync_remaining or 0
+            total = max(1, self.store.last_lsn - (s.peer_durable or 0))
+            done = max(0.0, 1 - remaining / total)
+            return {"resync_percent": round(100 * done, 1), "resync_bytes": s.stats_resync_bytes}
+        if s.phase is Phase.SYNC_TARGET and link is not None and link.sync_started is not None:
+            target = self.peer_view.last_lsn if self.peer_view else s.received_lsn
+            span = max(1, target - link.sync_start_lsn)
+            done = min(1.0, max(0.0, (self.store.durable_lsn - link.sync_start_lsn) / span))
+            secs = max(1e-3, now - link.sync_started)
+            return {
+                "resync_percent": round(100 * done, 1),
+                "resync_bytes_per_second": round(link.sync_bytes / secs),
+            }
+        return {}
