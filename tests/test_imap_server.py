@@ -21,6 +21,7 @@ import pytest
 
 from mailharbor.config import parse_config_text
 from mailharbor.node import Node
+from mailharbor.proto.proxy import build_v2
 from mailharbor.service.auth import FAST_TEST_PARAMS, hash_password
 from mailharbor.store import Store, StoreOptions
 from mailharbor.tls import write_self_signed
@@ -630,3 +631,168 @@ def test_bad_input_never_kills_the_session(h: Harness) -> None:
     _, done = c.cmd("FETCH 5 FLAGS")  # no such sequence number
     assert done.split()[1] == b"BAD"
     c.ok("NOOP")
+
+
+# -- fault paths, limits, timeouts, and the gaps closed after the first version ------------------
+
+
+def _harness(unique_name: str, **imap: object) -> tuple[Harness, Path]:
+    root = Path(tempfile.mkdtemp(prefix=unique_name + "-"))
+    return Harness(root, **imap), root
+
+
+def test_fetch_of_a_message_expunged_by_another_session(h: Harness) -> None:
+    setup = h.imaplib()
+    for i in range(3):
+        setup.append("INBOX", None, None, message(f"gone{i}"))
+    setup.logout()
+    a, b = h.raw(), h.raw()
+    a.ok("SELECT INBOX")
+    b.ok("SELECT INBOX")
+    b.ok("STORE 2 +FLAGS.SILENT (\\Deleted)")
+    b.ok("EXPUNGE")
+    # a has not been told: message 2 keeps its number and still shows what is readable
+    lines = a.ok("FETCH 2 (UID FLAGS BODY.PEEK[HEADER.FIELDS (SUBJECT)])")
+    head = b"* 2 FETCH (UID 2 FLAGS (\\Deleted \\Recent) BODY[HEADER.FIELDS (SUBJECT)]"
+    assert lines[0].startswith(head)
+    assert b"Subject: gone1" in lines[0] and not any(b"EXPUNGE" in x for x in lines)
+    lines = a.ok("FETCH 1:* (FLAGS)")
+    assert [x.split(b" FETCH")[0] for x in lines] == [b"* 1", b"* 2", b"* 3"]
+    # once nothing is left of it: the others, then NO [EXPUNGEISSUED]
+    assert h.node is not None and h.node.mailboxes is not None
+    h.call(h.node.mailboxes.store.index.expunged_rows.clear)
+    lines, done = a.cmd("FETCH 1:3 (UID)")
+    assert lines == [b"* 1 FETCH (UID 1)\r\n", b"* 3 FETCH (UID 3)\r\n"]
+    assert done.split()[1:3] == [b"NO", b"[EXPUNGEISSUED]"]
+    # the UID form may announce the expunge instead, and then answers OK
+    lines = a.ok("UID FETCH 1:3 (UID)")
+    assert lines == [b"* 1 FETCH (UID 1)\r\n", b"* 3 FETCH (UID 3)\r\n", b"* 2 EXPUNGE\r\n"]
+    a.ok("LOGOUT")
+    b.ok("LOGOUT")
+
+
+def test_create_special_use_and_list_consistency(h: Harness) -> None:
+    c = h.raw()
+    caps = c.ok("CAPABILITY")[0]
+    assert b" CREATE-SPECIAL-USE" in caps and b" SPECIAL-USE" in caps
+    c.ok("CREATE MyDrafts (USE (\\Drafts))")
+    lines = c.ok('LIST "" MyDrafts')
+    assert lines == [b'* LIST (\\HasNoChildren \\Drafts) "/" "MyDrafts"\r\n']
+    _, done = c.cmd("CREATE Starred (USE (\\Important))")  # known to the parser, not kept
+    assert done.split()[1:3] == [b"NO", b"[USEATTR]"]
+    assert c.ok('LIST "" Starred') == []
+    # a hierarchy level that only exists through its children: the same with * and %
+    c.ok("CREATE Top/Child")
+    c.ok("DELETE Top")
+    star = [x for x in c.ok('LIST "" *') if x.endswith(b'"/" "Top"\r\n')]
+    pct = [x for x in c.ok('LIST "" %') if x.endswith(b'"/" "Top"\r\n')]
+    assert star == pct == [b'* LIST (\\Noselect \\HasChildren) "/" "Top"\r\n']
+    # RENAME takes the subscriptions along
+    c.ok("CREATE Lists/python")
+    c.ok("SUBSCRIBE Lists")
+    c.ok("SUBSCRIBE Lists/python")
+    c.ok("RENAME Lists Groups")
+    subs = c.ok('LSUB "" *')
+    assert b'* LSUB () "/" "Groups"\r\n' in subs and b'* LSUB () "/" "Groups/python"\r\n' in subs
+    assert not any(b"Lists" in x for x in subs)
+    c.ok("LOGOUT")
+
+
+def test_store_that_changes_nothing_does_not_bump_modseq(h: Harness) -> None:
+    setup = h.imaplib()
+    setup.append("INBOX", "(\\Seen)", None, message("quiet"))
+    setup.logout()
+    a, b = h.raw(), h.raw()
+    a.ok("ENABLE CONDSTORE")
+    b.ok("ENABLE CONDSTORE")
+    sel = a.ok("SELECT INBOX")
+    b.ok("SELECT INBOX")
+    highest = next(x for x in sel if b"HIGHESTMODSEQ" in x)
+    lines = a.ok("STORE 1 +FLAGS (\\Seen)")  # already there
+    modseq = highest.split()[3][:-1]
+    assert lines == [b"* 1 FETCH (FLAGS (\\Seen \\Recent) MODSEQ (" + modseq + b"))\r\n"]
+    assert a.ok("STORE 1 +FLAGS.SILENT (\\Seen)") == []
+    assert b.ok("NOOP") == []  # nothing changed, nothing to tell
+    lines = a.ok("FETCH 1 (MODSEQ)")
+    assert lines == [b"* 1 FETCH (MODSEQ (" + modseq + b"))\r\n"]
+    # a real change is still a new MODSEQ and reaches the other session
+    a.ok("STORE 1 -FLAGS.SILENT (\\Seen)")
+    assert any(b"FETCH (UID 1 FLAGS () MODSEQ" in x for x in b.ok("NOOP"))
+    a.ok("LOGOUT")
+    b.ok("LOGOUT")
+
+
+def test_a_failing_service_call_is_no_serverbug_and_the_session_goes_on(
+    h: Harness, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    assert h.node is not None and h.node.mailboxes is not None
+    svc = h.node.mailboxes
+
+    def broken(address: str, name: str) -> object:
+        raise RuntimeError("injected fault: secret detail")
+
+    c = h.raw()
+    monkeypatch.setattr(svc, "status", broken)
+    _, done = c.cmd("STATUS INBOX (MESSAGES)")
+    assert done.split()[1:3] == [b"NO", b"[SERVERBUG]"]
+    assert b"secret" not in done and b"injected" not in done
+    monkeypatch.undo()
+    assert any(b"MESSAGES 0" in x for x in c.ok("STATUS INBOX (MESSAGES)"))
+    c.ok("LOGOUT")
+
+
+def test_proxy_v2_and_per_client_limit(unique_name: str) -> None:
+    h, root = _harness(unique_name, trusted_proxies=["127.0.0.2"], max_connections_per_client=2)
+    socks: list[socket.socket] = []
+
+    def connect(source: str | None, header: bytes) -> socket.socket:
+        s = socket.create_connection(
+            ("127.0.0.1", h.imap_port), 10, source_address=(source, 0) if source else None
+        )
+        s.sendall(header)
+        socks.append(s)
+        return s
+
+    def until_eof(s: socket.socket) -> bytes:
+        out = b""
+        while chunk := s.recv(4096):
+            out += chunk
+        return out
+
+    try:
+        hdr = build_v2(("192.0.2.7", 40000), ("127.0.0.1", h.imap_port))
+        for s in [connect("127.0.0.2", hdr) for _ in range(2)]:
+            assert s.recv(200).startswith(b"* OK")
+        third = connect("127.0.0.2", hdr)  # the same proxied client: over its limit
+        assert until_eof(third) == b"* BYE [UNAVAILABLE] Too many connections, try again later\r\n"
+        other = build_v2(("192.0.2.8", 40000), ("127.0.0.1", h.imap_port))
+        assert connect("127.0.0.2", other).recv(200).startswith(b"* OK")  # another client
+        # a trusted address must send the header
+        assert connect("127.0.0.2", b"a1 NOOP\r\na2 NOOP\r\n").recv(200) == b""
+        untrusted = connect(None, hdr)  # 127.0.0.1 may not send a PROXY header
+        out = until_eof(untrusted)
+        assert out.startswith(b"* OK") and out.endswith(
+            b"* BYE PROXY protocol not accepted from this address\r\n"
+        )
+    finally:
+        for s in socks:
+            s.close()
+        h.close()
+        shutil.rmtree(root, ignore_errors=True)
+
+
+def test_idle_timeout_gives_bye(unique_name: str) -> None:
+    h, root = _harness(unique_name, idle_timeout="1s")
+    try:
+        c = h.raw()  # logged in: idle_timeout, not login_timeout
+        c.ok("SELECT INBOX")
+        t0 = time.monotonic()
+        assert c.line().startswith(b"* BYE")
+        assert 0.5 < time.monotonic() - t0 < 10
+        d = h.raw()
+        d.send("i1 IDLE\r\n")  # IDLE is no way around it
+        assert d.line().startswith(b"+ ")
+        assert d.line().startswith(b"* BYE")
+    finally:
+        h.close()
+        shutil.rmtree(root, ignore_errors=True)

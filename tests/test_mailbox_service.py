@@ -23,7 +23,7 @@ from mailharbor.service.mailbox import (
     Vanished,
 )
 from mailharbor.service.search import Key, search
-from mailharbor.store import Conflict, Store, StoreOptions
+from mailharbor.store import Conflict, Store, StoreError, StoreOptions
 from mailharbor.store import index as ix
 
 pytestmark = pytest.mark.timeout(60)
@@ -120,11 +120,15 @@ def test_expunges_wait_until_allowed_and_seqs_stay_stable(
         assert Exists(5) in ups and not any(isinstance(u, Expunged) for u in ups)
         assert [u for u in ups if isinstance(u, FlagsChanged)] == []  # gone ones are not shown
         assert v.exists == 5
-        # expunged messages keep their numbers and are skipped by FETCH and SEARCH
-        assert [r.seq for r in v.fetch(v.resolve([(1, None)], uid=False), [FetchAtt("UID")])] == [
-            1,
-            4,
-            5,
+        # expunged messages keep their numbers; FETCH still shows what is readable of them
+        # (RFC 2180 4.1: the mailbox keeps recent expunges' columns), SEARCH skips them
+        got = v.fetch(v.resolve([(1, None)], uid=False), [FetchAtt("UID"), FetchAtt("FLAGS")])
+        assert [(r.seq, r.items) for r in got] == [
+            (1, (b"UID 1", b"FLAGS ()")),
+            (2, (b"UID 2", b"FLAGS (\\Deleted)")),
+            (3, (b"UID 3", b"FLAGS (\\Deleted)")),
+            (4, (b"UID 4", b"FLAGS ()")),
+            (5, (b"UID 5", b"FLAGS ()")),
         ]
         assert search(v, Key("ALL")).matches == ((1, 1), (4, 4), (5, 5))
         ups = v.sync(expunge_allowed=True)
@@ -322,11 +326,15 @@ def test_create_delete_rename_and_list(store: Store, svc: MailboxService) -> Non
         with pytest.raises(MailboxError) as e:
             await svc.delete(A, "Nope")
         assert e.value.code == "NONEXISTENT"
-        # a parent that only exists through its children is \\NonExistent \\Noselect
+        # a parent that only exists through its children is \\Noselect, whatever the wildcard
         await svc.create(A, "Solo/Child")
         await svc.delete(A, "Solo")
         top = {e.name: e for e in svc.list_mailboxes(A, "", ["%"])}
-        assert "\\Noselect" in top["Solo"].attributes
+        every = {e.name: e for e in svc.list_mailboxes(A, "", ["*"])}
+        exact = {e.name: e for e in svc.list_mailboxes(A, "", ["Solo"])}
+        assert top["Solo"] == every["Solo"] == exact["Solo"]
+        assert top["Solo"].attributes == ("\\Noselect", "\\HasChildren")
+        assert not top["Solo"].selectable and "\\HasNoChildren" in every["Solo/Child"].attributes
 
     run(go())
 
@@ -529,5 +537,274 @@ def test_new_keyword_resends_flags(store: Store, svc: MailboxService) -> None:
         ups = v.sync(expunge_allowed=False)
         assert any(isinstance(u, KeywordsChanged) and "$New" in u.flags for u in ups)
         assert any(isinstance(u, FlagsChanged) and "$New" in u.flags for u in ups)
+
+    run(go())
+
+
+# -- the fast paths and their caches -------------------------------------------------------------
+
+
+def _inbox(store: Store) -> ix.Mailbox:
+    acct = store.index.account_by_address(A)
+    assert acct is not None
+    mb = store.index.mailbox_by_name(acct.guid, "INBOX")
+    assert mb is not None
+    return mb
+
+
+def _general_lines(v: Any, targets: list[tuple[int, int]], atts: list[FetchAtt]) -> bytes:
+    """FETCH rendered through the general path (one FetchResult per message)."""
+    return b"".join(
+        b"* %d FETCH (%s)\r\n" % (r.seq, b" ".join(r.items)) for r in v.fetch(targets, atts)
+    )
+
+
+def test_fetch_fast_path_matches_the_general_path(store: Store, svc: MailboxService) -> None:
+    async def go() -> None:
+        for i in range(30):
+            deliver(store, msg(str(i)), flags=(0, ix.SEEN, ix.SEEN | ix.FLAGGED)[i % 3])
+        v, _ = svc.select(A, "INBOX")  # IMAP4rev1: \Recent is part of the flags
+        other, _ = svc.select(A, "INBOX", rev2=True)
+        await other.store_flags([(3, 3), (4, 4)], "+", ["$Work", "\\Answered"])
+        await other.store_flags([(5, 5), (9, 9), (10, 10), (20, 20)], "+", ["\\Deleted"])
+        await other.expunge()  # pending in v: its view indexes 4, 8, 9, 19
+        deliver(store, msg("late"))
+        v.sync(expunge_allowed=False)
+        mapping = v.column_runs(_inbox(store))
+        assert mapping == ([(0, 4, 0), (5, 8, 4), (10, 19, 7), (20, 31, 16)], [4, 8, 9, 19])
+        f, u = FetchAtt("FLAGS"), FetchAtt("UID")
+        rich = [u, FetchAtt("RFC822.SIZE"), f, FetchAtt("INTERNALDATE"), FetchAtt("MODSEQ")]
+        for atts in ([f], [u, f], rich):
+            for ranges in ([(1, None)], [(4, 12)], [(9, 10)], [(1, 1)], [(31, 31)]):
+                targets = v.resolve(ranges, uid=False)
+                fast, missing = v.fetch_lines(targets, atts)
+                assert missing == 0
+                assert fast == _general_lines(v, targets, atts), (atts, ranges)
+        lines, _ = v.fetch_lines(v.resolve([(1, 5)], uid=False), [f])
+        assert lines.splitlines()[2:] == [
+            b"* 3 FETCH (FLAGS (\\Seen \\Answered \\Flagged $Work \\Recent))",
+            b"* 4 FETCH (FLAGS (\\Answered $Work \\Recent))",
+            b"* 5 FETCH (FLAGS (\\Seen \\Deleted \\Recent))",  # expunged elsewhere
+        ]
+        # SEARCH over the same runs: messages expunged elsewhere never match
+        live = [q for q in range(1, 32) if q not in (5, 9, 10, 20)]
+        unseen = [q for q in live if q == 31 or (q - 1) % 3 == 0]
+        assert [q for q, _ in search(v, Key("UNSEEN")).matches] == unseen
+        either = Key("OR", keys=(Key("UNSEEN"), Key("FROM", text="BOB")))
+        assert [q for q, _ in search(v, either).matches] == live
+        both = Key("AND", keys=(Key("FROM", text="bob"), Key("NOT", keys=(Key("SEEN"),))))
+        assert [q for q, _ in search(v, both).matches] == unseen
+        # once the expunges are announced the view maps onto the columns in one run again
+        v.sync(expunge_allowed=True)
+        assert v.column_runs(_inbox(store)) == ([(0, 27, 0)], [])
+
+    run(go())
+
+
+def test_flag_list_cache_follows_flag_and_keyword_changes(
+    store: Store, svc: MailboxService
+) -> None:
+    async def go() -> None:
+        deliver(store, msg("a"))
+        deliver(store, msg("b"))
+        v, _ = svc.select(A, "INBOX", rev2=True)
+        other, _ = svc.select(A, "INBOX", rev2=True)
+
+        def flags() -> bytes:
+            v.sync(expunge_allowed=True)
+            return v.fetch_lines(v.resolve([(1, None)], uid=False), [FetchAtt("FLAGS")])[0]
+
+        assert flags() == b"* 1 FETCH (FLAGS ())\r\n* 2 FETCH (FLAGS ())\r\n"
+        await other.store_flags([(1, 1)], "+", ["$A"])
+        assert flags() == b"* 1 FETCH (FLAGS ($A))\r\n* 2 FETCH (FLAGS ())\r\n"
+        await other.store_flags([(2, 2)], "+", ["$B", "\\Seen"])
+        assert flags() == b"* 1 FETCH (FLAGS ($A))\r\n* 2 FETCH (FLAGS (\\Seen $B))\r\n"
+        await other.store_flags([(1, 1)], "-", ["$A"])
+        await other.store_flags([(2, 2)], "", ["$A"])
+        assert flags() == b"* 1 FETCH (FLAGS ())\r\n* 2 FETCH (FLAGS ($A))\r\n"
+
+    run(go())
+
+
+def test_sync_uses_the_change_log_and_falls_back_to_a_scan(
+    store: Store, svc: MailboxService, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    async def go() -> None:
+        for i in range(6):
+            deliver(store, msg(str(i)))
+        v, _ = svc.select(A, "INBOX", rev2=True)
+        other, _ = svc.select(A, "INBOX", rev2=True)
+        mb = _inbox(store)
+        base = mb.highestmodseq
+        await other.store_flags([(2, 2)], "+", ["\\Flagged"])
+        await other.store_flags([(2, 2), (5, 5)], "+", ["\\Answered"])
+        assert mb.changed_uids_since(base) == [2, 5]
+        assert mb.changed_uids_since(mb.highestmodseq) == []
+        ups = v.sync(expunge_allowed=True)
+        assert [(u.uid, u.flags) for u in ups if isinstance(u, FlagsChanged)] == [
+            (2, ("\\Answered", "\\Flagged")),
+            (5, ("\\Answered",)),
+        ]
+        # a trimmed log no longer reaches back to the view's last look: a scan, same answer
+        monkeypatch.setattr(ix, "CHANGE_LOG_MAX", 4)
+        base = mb.highestmodseq
+        for k in range(1, 7):
+            await other.store_flags([(k, k)], "+", ["\\Draft"])
+        assert mb.changes_floor > base and mb.changed_uids_since(base) is None
+        assert len(mb.change_uids) <= 4
+        ups = v.sync(expunge_allowed=True)
+        assert [u.uid for u in ups if isinstance(u, FlagsChanged)] == [1, 2, 3, 4, 5, 6]
+        # this session's own STORE is not reported back to it
+        await v.store_flags([(3, 3)], "-", ["\\Draft"])
+        assert [u for u in v.sync(expunge_allowed=True) if isinstance(u, FlagsChanged)] == []
+
+    run(go())
+
+
+def test_change_log_starts_over_after_a_restart(tmp_path: Path) -> None:
+    def open_store() -> Store:
+        return Store.open(str(tmp_path / "d"), node_id=b"n" * 16, options=StoreOptions(sync=False))
+
+    st = open_store()
+    with st.transaction() as t:
+        t.add_domain("example.org")
+    with st.transaction() as t:
+        t.add_account(A, "x")
+    for i in range(3):
+        deliver(st, msg(str(i)))
+    with st.transaction() as t:
+        t.store_flags(_inbox(st).guid, [1, 2], add=ix.SEEN)
+    st.close()
+    st = open_store()
+    try:
+        mb = _inbox(st)
+        # from the checkpoint: empty, with its floor at HIGHESTMODSEQ; from a replay: complete
+        assert mb.changes_floor == mb.highestmodseq or mb.changed_uids_since(0) == [1, 2]
+        svc = MailboxService(st)
+
+        async def go() -> None:
+            v, _ = svc.select(A, "INBOX", rev2=True)
+            other, _ = svc.select(A, "INBOX", rev2=True)
+            await other.store_flags([(3, 3)], "+", ["\\Flagged"])
+            assert mb.changed_uids_since(v._modseq) == [3]
+            ups = v.sync(expunge_allowed=True)
+            assert [(u.uid, u.flags) for u in ups if isinstance(u, FlagsChanged)] == [
+                (3, ("\\Flagged",))
+            ]
+
+        run(go())
+    finally:
+        st.close()
+
+
+def test_fetch_of_a_message_expunged_elsewhere(
+    store: Store, svc: MailboxService, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    async def go() -> None:
+        for i in range(3):
+            deliver(store, msg(f"subject{i}"))
+        v, _ = svc.select(A, "INBOX", rev2=True)
+        other, _ = svc.select(A, "INBOX", rev2=True)
+        await other.store_flags([(2, 2)], "+", ["\\Deleted"])
+        await other.expunge()
+        v.sync(expunge_allowed=False)  # noticed, not announced: 2 keeps its number
+        atts = [
+            FetchAtt("FLAGS"),
+            FetchAtt("ENVELOPE"),
+            FetchAtt("BODY", section="HEADER.FIELDS (SUBJECT)"),  # not PEEK: no \Seen for it
+        ]
+        lines, missing = v.fetch_lines(v.resolve([(2, 2)], uid=False), atts)
+        assert missing == 0
+        assert lines.startswith(b"* 2 FETCH (FLAGS (\\Deleted) ENVELOPE (")
+        assert b"Subject: subject1\r\n" in lines
+        await svc.drain()
+        assert [
+            (u.seq, u.uid) for u in other.sync(expunge_allowed=False) if isinstance(u, FlagsChanged)
+        ] == []
+        # the body reclaimed meanwhile: that message cannot be served, the others still are
+        real = store.read_blob
+        gone = store.index.blobs.hash_at(store.index.expunged_rows[(_inbox(store).guid, 2)][5])
+
+        def read_blob(h: bytes) -> bytes:
+            if h == gone:
+                raise StoreError("reclaimed")
+            return real(h)
+
+        monkeypatch.setattr(store, "read_blob", read_blob)
+        lines, missing = v.fetch_lines(
+            v.resolve([(1, 3)], uid=False), [FetchAtt("BODY", section="TEXT", peek=True)]
+        )
+        assert missing == 1 and lines.count(b" FETCH ") == 2
+        # its columns forgotten too: nothing left but the count
+        store.index.expunged_rows.clear()
+        assert v.fetch_lines(v.resolve([(2, 2)], uid=False), [FetchAtt("FLAGS")]) == (b"", 1)
+        assert v.fetch_lines(v.resolve([(1, None)], uid=False), [FetchAtt("UID")]) == (
+            b"* 1 FETCH (UID 1)\r\n* 3 FETCH (UID 3)\r\n",
+            1,
+        )
+
+    run(go())
+
+
+def test_rename_takes_subscriptions_along(store: Store, svc: MailboxService) -> None:
+    async def go() -> None:
+        await svc.create(A, "Lists/python/3")
+        for n in ("Lists", "Lists/python/3", "Listsmore", "Other"):
+            await svc.subscribe(A, n, True)
+        await svc.rename(A, "Lists", "Groups")
+        subs = svc.account(A).subscriptions
+        assert subs >= {"Groups", "Groups/python/3", "Listsmore", "Other"}
+        assert not {"Lists", "Lists/python/3"} & subs
+        # INBOX's rename moves its messages, not the mailbox: its subscription stays
+        await svc.subscribe(A, "INBOX", True)
+        await svc.rename(A, "INBOX", "Old")
+        assert "INBOX" in svc.account(A).subscriptions
+
+    run(go())
+
+
+def test_create_with_special_use(store: Store, svc: MailboxService) -> None:
+    async def go() -> None:
+        await svc.create(A, "Work/Outbox", ["\\Sent", "\\archive"])
+        assert svc.mailbox(A, "Work/Outbox").special_use == ix.SU_SENT | ix.SU_ARCHIVE
+        assert svc.mailbox(A, "Work").special_use == 0  # a parent made on the way
+        entry = svc.list_mailboxes(A, "", ["Work/Outbox"])[0]
+        assert entry.attributes == ("\\HasNoChildren", "\\Sent", "\\Archive")
+        with pytest.raises(MailboxError) as e:
+            await svc.create(A, "Important", ["\\Important"])
+        assert e.value.code == "USEATTR"
+        with pytest.raises(MailboxError):
+            svc.mailbox(A, "Important")  # nothing was created
+
+    run(go())
+
+
+def test_store_that_changes_nothing_writes_nothing(store: Store, svc: MailboxService) -> None:
+    async def go() -> None:
+        deliver(store, msg("a"), flags=ix.SEEN)
+        deliver(store, msg("b"))
+        v, _ = svc.select(A, "INBOX", rev2=True, condstore=True)
+        other, _ = svc.select(A, "INBOX", rev2=True, condstore=True)
+        mb = _inbox(store)
+        before = (mb.highestmodseq, list(mb.modseqs))
+        res = await v.store_flags([(1, 1)], "+", ["\\Seen"])
+        assert [f.items for f in res.fetches] == [
+            (b"FLAGS (\\Seen)", b"MODSEQ (%d)" % before[1][0])
+        ]
+        res = await v.store_flags([(2, 2)], "-", ["\\Seen", "$Nope"], silent=True)
+        assert res.fetches == ()  # .SILENT and nothing changed: not even MODSEQ
+        await v.store_flags([(1, 1)], "", ["\\Seen"])  # replace with the same set
+        assert (mb.highestmodseq, list(mb.modseqs)) == before
+        assert other.sync(expunge_allowed=True) == []
+        # UNCHANGEDSINCE still fails for a message changed since, changing or not
+        both = [(1, 1), (2, 2)]
+        res = await v.store_flags(both[:1], "+", ["\\Seen"], unchanged_since=before[1][0] - 1)
+        assert res.modified == (1,) and mb.highestmodseq == before[0]
+        # a STORE that changes some: only those get a new MODSEQ
+        res = await v.store_flags(both, "+", ["\\Seen"], silent=True)
+        assert mb.modseqs[0] == before[1][0] and mb.modseqs[1] > before[0]
+        assert [f.seq for f in res.fetches] == [2]  # CONDSTORE .SILENT: only the changed one
+        ups = other.sync(expunge_allowed=True)
+        assert [(u.seq, u.flags) for u in ups if isinstance(u, FlagsChanged)] == [(2, ("\\Seen",))]
 
     run(go())

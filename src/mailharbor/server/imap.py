@@ -13,7 +13,12 @@ and sending the untagged data, then exactly one tagged completion. Before the ta
 of every command the view's pending updates are sent (:meth:`SelectedView.sync`), with EXPUNGE
 (or VANISHED) only where RFC 9051 7.5.1 allows it: not for FETCH, STORE and SEARCH (their UID
 forms may). While a client IDLEs, the session also waits on the view's wake-up event, which the
-hub sets after every commit touching the mailbox, and pushes the updates at once.
+hub sets after every commit touching the mailbox, and pushes the updates at once. A FETCH that
+names a message another session expunged, and of which nothing is readable any more, gets the
+data of the others and ``NO [EXPUNGEISSUED]`` (the UID form announces the expunge instead).
+
+The output of one command is written in one piece. Bulk FETCH data (and flag updates) arrive
+from the service as ready response lines (``RawLines``), not as one value tree per message.
 
 Invariants
 ----------
@@ -307,6 +312,12 @@ class _Session:
         self.wakeup = asyncio.Event()
         self.first_read = True
         self.conn = self._make_engine()
+        self._loop = asyncio.get_running_loop()
+        self._task: asyncio.Task[Any] | None = None
+        self._timer: asyncio.TimerHandle | None = None
+        self._read_deadline = 0.0
+        self._reading = False
+        self._interrupt: str | None = None  # why a waiting read was cancelled
 
     # -- the engine (see proto/imap) -------------------------------------------------------
 
@@ -334,7 +345,67 @@ class _Session:
 
     async def _read(self) -> bytes | None:
         """The next bytes (``b""`` at EOF), or None after a timeout/stop BYE was written.
-        While the client IDLEs, updates of the mailbox are pushed as they are committed."""
+
+        A plain ``await reader.read()``: its timeout is one lazy timer per session
+        (``_on_timer``; a read only records its deadline, the timer re-arms itself at the
+        current deadline or, if the session is still waiting for bytes past it, cancels the
+        read), and a listener stop cancels a waiting read the same way (``_on_stop``); both
+        become the ``* BYE``. While the client IDLEs, :meth:`_read_idle` waits instead."""
+        if self.idling and self.view is not None:
+            return await self._read_idle()
+        loop = self._loop
+        timeout = self.options.idle_timeout if self.account else self.options.login_timeout
+        if self.listener.stop_future.done():
+            await self._bye("Server shutting down")
+            return None
+        self._read_deadline = deadline = loop.time() + timeout
+        if self._timer is None:
+            self._timer = loop.call_at(deadline, self._on_timer)
+        elif self._timer.when() > deadline:  # a shorter timeout than the armed one
+            self._timer.cancel()
+            self._timer = loop.call_at(deadline, self._on_timer)
+        self._reading = True
+        try:
+            return await self.reader.read(65536)
+        except asyncio.CancelledError:
+            if self._interrupt is None:
+                raise  # the task itself is being cancelled
+            task = self._task
+            assert task is not None
+            task.uncancel()
+        except (ConnectionError, OSError):
+            return b""
+        finally:
+            self._reading = False
+        why, self._interrupt = self._interrupt, None
+        if why == "stop":
+            await self._bye("Server shutting down")
+        else:
+            log.info("IMAP session with %s timed out", self.client)
+            await self._bye("Autologout; idle for too long")
+        return None
+
+    def _on_timer(self) -> None:
+        self._timer = None
+        if not self._reading:
+            return  # the next read arms a new timer
+        if self._loop.time() < self._read_deadline:
+            self._timer = self._loop.call_at(self._read_deadline, self._on_timer)
+            return
+        self._cancel_read("timeout")
+
+    def _on_stop(self, _: asyncio.Future[None]) -> None:
+        if self._reading:
+            self._cancel_read("stop")
+
+    def _cancel_read(self, why: str) -> None:
+        if self._interrupt is None and self._task is not None:
+            self._interrupt = why
+            self._task.cancel()
+
+    async def _read_idle(self) -> bytes | None:
+        """:meth:`_read` during IDLE: also waits for the mailbox's wake-up event and pushes
+        the updates at once."""
         loop = asyncio.get_running_loop()
         timeout = self.options.idle_timeout if self.account else self.options.login_timeout
         deadline = loop.time() + timeout
@@ -383,6 +454,9 @@ class _Session:
         return None
 
     async def run(self) -> None:
+        self._task = asyncio.current_task()
+        stop = self.listener.stop_future
+        stop.add_done_callback(self._on_stop)
         try:
             await self._write(self.conn.data_to_send())
             while True:
@@ -403,6 +477,10 @@ class _Session:
         except (ConnectionError, TimeoutError, OSError, ssl.SSLError):
             return
         finally:
+            stop.remove_done_callback(self._on_stop)
+            if self._timer is not None:
+                self._timer.cancel()
+                self._timer = None
             self._unselect()
             if self.account is not None:
                 acc = self.services.accounts
@@ -503,7 +581,20 @@ class _Session:
 
     def _updates(self, ups: list[Update]) -> list[r.Tagged | r.Untagged]:
         out: list[r.Tagged | r.Untagged] = []
+        fetches: list[bytes] = []
         for u in ups:
+            if isinstance(u, FlagsChanged):
+                # many at once after a bulk STORE elsewhere: rendered straight to bytes (flag
+                # names come from the index, already valid atoms)
+                ms = b" MODSEQ (%d)" % u.modseq if u.modseq is not None else b""
+                fetches.append(
+                    b"* %d FETCH (UID %d FLAGS (%s)%s)\r\n"
+                    % (u.seq, u.uid, " ".join(u.flags).encode("utf-8"), ms)
+                )
+                continue
+            if fetches:
+                out.append(r.RawLines(lines=b"".join(fetches)))
+                fetches = []
             if isinstance(u, Exists):
                 out.append(r.exists(u.count))
             elif isinstance(u, Recent):
@@ -513,17 +604,11 @@ class _Session:
             elif isinstance(u, Vanished):
                 if u.uids:
                     out.append(r.vanished(u.uids, u.earlier))
-            elif isinstance(u, FlagsChanged):
-                items: list[tuple[str, object]] = [
-                    ("UID", u.uid),
-                    ("FLAGS", r.flag_list(u.flags)),
-                ]
-                if u.modseq is not None:
-                    items.append(("MODSEQ", (u.modseq,)))
-                out.append(r.fetch(u.seq, items))
             elif isinstance(u, KeywordsChanged):
                 out.append(r.flags(u.flags))
                 out.append(r.untagged_ok("Flags permitted", r.Code.permanentflags(u.permanent)))
+        if fetches:
+            out.append(r.RawLines(lines=b"".join(fetches)))
         return out
 
     def _sync(self, *, expunge: bool) -> list[r.Tagged | r.Untagged]:
@@ -557,7 +642,7 @@ class _Session:
         if isinstance(cmd, c.Select):
             return self._select(account, cmd)
         if isinstance(cmd, c.Create):
-            await mbs.create(account, cmd.mailbox)
+            await mbs.create(account, cmd.mailbox, cmd.special_use)
             return [*self._sync(expunge=True), r.ok("CREATE completed")]
         if isinstance(cmd, c.Delete):
             await mbs.delete(account, cmd.mailbox)
@@ -771,10 +856,12 @@ class _Session:
             unchanged_since=cmd.unchangedsince,
             uid_cmd=cmd.uid,
         )
-        out: list[r.Tagged | r.Untagged] = [
-            r.Untagged((f.seq, r.Atom("FETCH"), r.Raw(b"(" + b" ".join(f.items) + b")")))
-            for f in res.fetches
-        ]
+        out: list[r.Tagged | r.Untagged] = []
+        if res.fetches:
+            lines = b"".join(
+                [b"* %d FETCH (%s)\r\n" % (f.seq, b" ".join(f.items)) for f in res.fetches]
+            )
+            out.append(r.RawLines(lines=lines))
         out.extend(self._sync(expunge=cmd.uid))
         if res.modified:
             return [*out, r.ok("Conditional STORE failed", r.Code.modified(res.modified))]
@@ -787,17 +874,21 @@ class _Session:
             gone = view.vanished_since(cmd.changedsince, _ranges(cmd.sequence))
             if gone:
                 out.append(r.vanished(gone, earlier=True))
-        results = view.fetch(
+        lines, missing = view.fetch_lines(
             targets,
             [_fetch_att(i) for i in cmd.items],
             uid_cmd=cmd.uid,
             changedsince=cmd.changedsince,
         )
-        out.extend(
-            r.Untagged((f.seq, r.Atom("FETCH"), r.Raw(b"(" + b" ".join(f.items) + b")")))
-            for f in results
-        )
+        if lines:
+            out.append(r.RawLines(lines=lines))
         out.extend(self._sync(expunge=cmd.uid))
+        if missing and not cmd.uid:
+            # RFC 9051 7.1 / RFC 2180 4.1.2: expunged elsewhere, nothing left to show
+            return [
+                *out,
+                r.no("Some of the requested messages no longer exist", r.Code.EXPUNGEISSUED),
+            ]
         return [*out, r.ok("FETCH completed")]
 
     def _search(self, tag: str, view: SelectedView, cmd: c.Search) -> list[r.Tagged | r.Untagged]:

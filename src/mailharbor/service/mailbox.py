@@ -11,9 +11,10 @@ after frames became durable and visible; it calls every callback registered for 
 It also keeps the in-memory ``\\Recent`` claims (IMAP4rev1 only): the first session to see a new
 UID of a mailbox gets it as recent; a restart forgets the claims.
 
-*Account level.* :class:`MailboxService` serves one node: LIST/LSUB matching, CREATE, DELETE,
-RENAME (INBOX's special semantics included), SUBSCRIBE, STATUS, APPEND, quota, and SELECT, which
-returns a :class:`SelectedView`.
+*Account level.* :class:`MailboxService` serves one node: LIST/LSUB matching, CREATE (with
+RFC 6154 special-use), DELETE, RENAME (INBOX's special semantics included; subscriptions follow
+the renamed mailboxes), SUBSCRIBE, STATUS, APPEND, quota, and SELECT, which returns a
+:class:`SelectedView`.
 
 *The selected view.* A :class:`SelectedView` is one session's picture of one mailbox: the list of
 UIDs the client knows, in sequence order (``seq = index + 1``). It only ever shows what the store's
@@ -23,9 +24,22 @@ compares the index with the picture and returns the pending untagged updates —
 expunges (``EXPUNGE``, or ``VANISHED`` under QRESYNC). Expunges are applied to the picture only
 when the caller says it may send them (RFC 9051 section 7.5.1: not during FETCH, STORE, SEARCH;
 UID versions and everything else may); until then expunged UIDs keep their sequence numbers,
-FETCH skips them and SEARCH never returns them. Changes are found by MODSEQ: the index keeps each
-message's MODSEQ and the MODSEQ of each expunge, so a sync looks only at what is newer than the
-mailbox's HIGHESTMODSEQ at the previous sync.
+SEARCH never returns them, and FETCH shows what is still readable of them (the index keeps the
+columns of the most recent expunges, the body stays until compaction) or, when that is gone,
+leaves them out and the adapter answers ``NO [EXPUNGEISSUED]`` (RFC 2180 4.1). Changes are found
+by MODSEQ: the index keeps a bounded per-mailbox log of flag changes (MODSEQ, UID) and the MODSEQ
+of each expunge, so a sync costs O(changes since the previous sync); when the log no longer
+reaches back that far it scans the MODSEQ column instead (same answer).
+
+*Fast paths.* The view maps its sequence numbers onto the index's columns run by run
+(:meth:`SelectedView.column_runs`: one run unless expunges are pending), so FETCH of index-only
+items (FLAGS, UID, MODSEQ, sizes, dates) renders a whole range in one loop straight to response
+bytes (:meth:`SelectedView.fetch_lines`), with each distinct flag list rendered once per view (by
+flag bits, keyword bits and \\Recent; cleared when the mailbox gains a keyword). SEARCH evaluates
+flag keys over the flag column and narrows candidates key by key (:mod:`.search`). ENVELOPE and
+BODYSTRUCTURE are rendered once per body and cached with its parsed MIME metadata (by body
+hash: never stale). A STORE that would change nothing is not written at all (no new MODSEQ, so
+no FETCH for the other sessions).
 
 *Writes are durable before they return* (``Transaction.commit_async``): STORE, EXPUNGE, COPY,
 MOVE (copy and expunge in one transaction), APPEND, CREATE/DELETE/RENAME/SUBSCRIBE. The one
@@ -51,6 +65,7 @@ import bisect
 import logging
 import re
 import time
+from array import array
 from collections import OrderedDict
 from collections.abc import Callable, Coroutine, Iterable, Sequence
 from dataclasses import dataclass, replace
@@ -116,11 +131,14 @@ FLAG_ORDER = (
     (ix.DRAFT, "\\Draft"),
 )
 _SYSTEM_LOWER = {name.lower(): bit for bit, name in FLAG_ORDER}
+_SPECIAL_USE_LOWER = {name.lower(): bit for name, bit in ix.SPECIAL_USE.items()}
 ALL_FLAGS = ix.SEEN | ix.ANSWERED | ix.FLAGGED | ix.DELETED | ix.DRAFT
 _COMMIT_RETRIES = 20
 _META_CACHE = 4096
 _MONTHS = ("Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec")
 _BATCH = 10000  # operations per transaction in bulk moves (records per frame are capped)
+_SIMPLE_ITEMS = frozenset({"FLAGS", "UID", "INTERNALDATE", "RFC822.SIZE", "MODSEQ", "THREADID"})
+_FLAG_ITEMS_MAX = 4096  # rendered flag lists per view
 
 
 class MailboxError(Exception):
@@ -374,6 +392,14 @@ class StoreResult:
 
 
 @dataclass(frozen=True, slots=True)
+class _FetchPlan:
+    atts: tuple[FetchAtt, ...]  # with UID (UID FETCH) and MODSEQ (CHANGEDSINCE) added
+    sets_seen: bool  # a body section without PEEK: sets \\Seen
+    has_flags: bool
+    simple: bool  # only items from the index columns
+
+
+@dataclass(frozen=True, slots=True)
 class CopyResult:
     uidvalidity: int
     source_uids: tuple[int, ...]
@@ -413,13 +439,25 @@ def _parents(name: str) -> list[str]:
 # -- the service -------------------------------------------------------------------------------
 
 
+class _MetaEntry:
+    """A cached body's parsed MIME metadata and, once asked for, its rendered FETCH values."""
+
+    __slots__ = ("body", "bodystructure", "envelope", "meta")
+
+    def __init__(self, meta: MessageMeta) -> None:
+        self.meta = meta
+        self.envelope: bytes | None = None
+        self.bodystructure: bytes | None = None
+        self.body: bytes | None = None
+
+
 class MailboxService:
     """Account-level operations of one node (see the module doc)."""
 
     def __init__(self, store: Store, hub: NotificationHub | None = None) -> None:
         self.store = store
         self.hub = hub or NotificationHub(store)
-        self._meta: OrderedDict[bytes, MessageMeta] = OrderedDict()
+        self._meta: OrderedDict[bytes, _MetaEntry] = OrderedDict()
         self._background: set[asyncio.Task[None]] = set()
 
     # -- lookups -------------------------------------------------------------------------------
@@ -454,10 +492,34 @@ class MailboxService:
     def meta(self, blob: bytes) -> MessageMeta:
         """The parsed MIME metadata of a body: from the cache, the store's MIME_META record, or
         (for bodies stored without one) parsed now and persisted in the background."""
-        m = self._meta.get(blob)
-        if m is not None:
+        return self._meta_entry(blob).meta
+
+    def envelope(self, blob: bytes) -> bytes:
+        """The rendered FETCH ENVELOPE value of a body (cached with its metadata)."""
+        e = self._meta_entry(blob)
+        if e.envelope is None:
+            e.envelope = envelope_imap(e.meta)
+        return e.envelope
+
+    def bodystructure(self, blob: bytes, extended: bool) -> bytes:
+        """The rendered FETCH BODYSTRUCTURE (``extended``) or BODY value (cached)."""
+        e = self._meta_entry(blob)
+        if extended:
+            if e.bodystructure is None:
+                e.bodystructure = bodystructure_imap(e.meta, True)
+            return e.bodystructure
+        if e.body is None:
+            e.body = bodystructure_imap(e.meta, False)
+        return e.body
+
+    def _meta_entry(self, blob: bytes) -> _MetaEntry:
+        """The cache entry of a body. Keyed by the body's hash, so never stale: what it holds
+        is a pure function of the body's bytes."""
+        e = self._meta.get(blob)
+        if e is not None:
             self._meta.move_to_end(blob)
-            return m
+            return e
+        m: MessageMeta | None = None
         rec = self.store.read_mime_meta(blob)
         if rec is not None and rec[0] == META_VERSION:
             try:
@@ -467,10 +529,10 @@ class MailboxService:
         if m is None:
             m = parse_message(self.store.read_blob(blob))
             self._persist_meta(blob, m)
-        self._meta[blob] = m
+        e = self._meta[blob] = _MetaEntry(m)
         if len(self._meta) > _META_CACHE:
             self._meta.popitem(last=False)
-        return m
+        return e
 
     def _persist_meta(self, blob: bytes, m: MessageMeta) -> None:
         try:
@@ -516,8 +578,9 @@ class MailboxService:
         lsub: bool = False,
     ) -> list[ListEntry]:
         """LIST / LIST-EXTENDED / LSUB. Attributes: \\HasChildren/\\HasNoChildren, special-use,
-        \\Subscribed (when asked), \\NonExistent + \\Noselect for names that only exist as
-        parents or subscriptions."""
+        \\Subscribed (when asked); \\Noselect + \\HasChildren for a hierarchy level that
+        only exists through its children (whatever the wildcard), \\NonExistent for a name
+        listed only as a subscription."""
         if len(patterns) == 1 and patterns[0] == "" and not lsub:
             return [ListEntry("", ("\\Noselect",), selectable=False)]
         acct = self.account(address)
@@ -528,7 +591,6 @@ class MailboxService:
         def matches(n: str) -> bool:
             return any(r.fullmatch(n) for r in regexes)
 
-        wildcard_star = any("*" in p for p in patterns)
         existing = set(boxes)
         parents: set[str] = set()
         for n in existing:
@@ -545,7 +607,9 @@ class MailboxService:
             if recursive_match:
                 candidates |= {p for s in subs for p in _parents(s)}
         else:
-            candidates = existing | (parents if not wildcard_star else set())
+            # hierarchy levels that only exist through their children are listed for every
+            # pattern that matches them, ``*`` as well as ``%`` (RFC 9051 6.3.9), as \Noselect
+            candidates = existing | parents
         for n in sorted(candidates, key=lambda x: (x != "INBOX", x)):
             if not matches(n):
                 continue
@@ -588,9 +652,18 @@ class MailboxService:
         except StoreError as e:
             raise _store_error(e) from None
 
-    async def create(self, address: str, name: str) -> None:
+    async def create(self, address: str, name: str, special_use: Sequence[str] = ()) -> None:
+        """CREATE, with the RFC 6154 special-use attributes of ``(USE (...))`` for the new
+        mailbox (not for parents created on the way); an attribute the store cannot keep is
+        ``NO [USEATTR]`` and nothing is created."""
         acct = self.account(address)
         name = self._check_name(name)
+        use = 0
+        for attr in special_use:
+            bit = _SPECIAL_USE_LOWER.get(attr.lower())
+            if bit is None:
+                raise MailboxError("USEATTR", "Special-use attribute not supported")
+            use |= bit
         boxes = self._names(acct)
         if name in boxes or ix.is_inbox(name):
             raise MailboxError("ALREADYEXISTS", "Mailbox already exists")
@@ -598,7 +671,7 @@ class MailboxService:
         for p in _parents(name):
             if p not in boxes and not ix.is_inbox(p):
                 t.create_mailbox(acct.guid, p)
-        t.create_mailbox(acct.guid, name)
+        t.create_mailbox(acct.guid, name, use)
         await self._commit(t)
 
     async def delete(self, address: str, name: str) -> None:
@@ -630,10 +703,16 @@ class MailboxService:
             for i in range(0, len(uids), _BATCH):
                 await self._copy_uids(src, uids[i : i + _BATCH], g, move=True)
             return
+        prefix = src.name + DELIMITER
         for n, mb in boxes.items():
-            if n.startswith(src.name + DELIMITER):
+            if n.startswith(prefix):
                 t.rename_mailbox(mb.guid, new + n[len(src.name) :])
         t.rename_mailbox(src.guid, new)
+        # the subscriptions of the mailbox and its children follow it (same transaction)
+        for sub in sorted(acct.subscriptions):
+            if sub == src.name or sub.startswith(prefix):
+                t.subscribe(acct.guid, sub, False)
+                t.subscribe(acct.guid, new + sub[len(src.name) :], True)
         await self._commit(t)
 
     async def subscribe(self, address: str, name: str, on: bool) -> None:
@@ -798,6 +877,10 @@ class SelectedView:
         self.wakeup: asyncio.Event | None = None
         self._handle = 0
         self._pending: set[asyncio.Task[None]] = set()
+        # rendered ``FLAGS (...)`` items by flag bits | recent << 8 | keyword bits << 9, valid
+        # for the keyword list it was made with (keywords are only ever appended to it)
+        self._flag_items: dict[int, bytes] = {}
+        self._flag_items_kw: tuple[list[str] | None, int] = (None, 0)
 
     # -- plumbing ------------------------------------------------------------------------------
 
@@ -868,18 +951,23 @@ class SelectedView:
             base = self._modseq
             # expunges since the last sync (the index keeps them in MODSEQ order)
             k = bisect.bisect_right(mb.vanished_modseqs, base)
-            known = self._known_set()
             for u in mb.vanished_uids[k:]:
-                if u in known:
+                if self.seq_of(u) is not None:
                     self._expunged.add(u)
-            # flag changes
+            # flag changes: from the mailbox's change log when it reaches back to `base`
             lo = self.uids[0] if self.uids else 0
-            start = bisect.bisect_left(mb.uids, lo)
             last = self.uids[-1] if self.uids else 0
-            end = bisect.bisect_right(mb.uids, last)
+            logged = mb.changed_uids_since(base)
+            if logged is not None:
+                positions: Iterable[int] = (
+                    i for i in (mb.position(u) for u in logged if lo <= u <= last) if i is not None
+                )
+            else:
+                start = bisect.bisect_left(mb.uids, lo)
+                positions = range(start, bisect.bisect_right(mb.uids, last))
             modseqs = mb.modseqs
             changed: list[FlagsChanged] = []
-            for i in range(start, end):
+            for i in positions:
                 m = modseqs[i]
                 if m <= base:
                     continue
@@ -920,12 +1008,58 @@ class SelectedView:
         gone = self._expunged
         self._expunged = set()
         self._recent -= gone
+        uids = self.uids
+        idx = sorted(i for i in (self._index_of(u) for u in gone) if i is not None)
+        if len(idx) <= 64:
+            for i in reversed(idx):
+                del uids[i]
+        else:
+            self.uids = [u for u in uids if u not in gone]
         if self.qresync:
-            self.uids = [u for u in self.uids if u not in gone]
             return Vanished(tuple(sorted(gone)))
-        seqs = [i + 1 for i, u in enumerate(self.uids) if u in gone]
-        self.uids = [u for u in self.uids if u not in gone]
-        return Expunged(tuple(reversed(seqs)))
+        return Expunged(tuple(i + 1 for i in reversed(idx)))
+
+    def _index_of(self, uid: int) -> int | None:
+        i = bisect.bisect_left(self.uids, uid)
+        if i < len(self.uids) and self.uids[i] == uid:
+            return i
+        return None
+
+    def column_runs(self, mb: ix.Mailbox) -> tuple[list[tuple[int, int, int]], list[int]] | None:
+        """How the view maps onto the mailbox's columns: runs ``(first, end, column of
+        first)`` of view indexes still in the mailbox, and the view indexes of the UIDs expunged
+        from it but not yet from the view (ascending). None if they cannot be told apart cheaply
+        (then callers look UIDs up one by one). Cost: O(log n + pending expunges)."""
+        uids = self.uids
+        nv = len(uids)
+        if not nv:
+            return [], []
+        known = bisect.bisect_right(mb.uids, uids[-1])  # mailbox UIDs the view knows
+        if known == nv:
+            return [(0, nv, 0)], []
+        gone = set(self._expunged)
+        k = bisect.bisect_right(mb.vanished_modseqs, self._modseq)
+        gone.update(mb.vanished_uids[k:])
+        gaps = sorted(i for i in map(self._index_of, gone) if i is not None)
+        if nv - len(gaps) != known:
+            return None
+        runs: list[tuple[int, int, int]] = []
+        start = 0
+        for before, g in enumerate(gaps):  # `before` gaps precede view index `start`
+            if g > start:
+                runs.append((start, g, start - before))
+            start = g + 1
+        if start < nv:
+            runs.append((start, nv, start - len(gaps)))
+        return runs, gaps
+
+    def _aligned(self, mb: ix.Mailbox) -> bool:
+        """True when the view's UIDs are the first ``len(self.uids)`` of the mailbox's columns
+        (no expunge pending), so that column index = sequence number - 1. The mailbox's UIDs up
+        to the view's last are always a subset of the view's (new UIDs are above it), so equal
+        UIDs at position n - 1 mean equal lists."""
+        n = len(self.uids)
+        return n == 0 or (len(mb.uids) >= n and mb.uids[n - 1] == self.uids[-1])
 
     def _flags_changed(self, mb: ix.Mailbox, i: int, seq: int) -> FlagsChanged:
         u = mb.uids[i]
@@ -933,10 +1067,8 @@ class SelectedView:
         return FlagsChanged(seq, u, tuple(names), mb.modseqs[i] if self.condstore else None)
 
     def seq_of(self, uid: int) -> int | None:
-        i = bisect.bisect_left(self.uids, uid)
-        if i < len(self.uids) and self.uids[i] == uid:
-            return i + 1
-        return None
+        i = self._index_of(uid)
+        return None if i is None else i + 1
 
     # -- message sets --------------------------------------------------------------------------
 
@@ -945,17 +1077,16 @@ class SelectedView:
     ) -> list[tuple[int, int]]:
         """A sequence set (``None`` is ``*``) → ascending (seq, UID) pairs of the view.
         Sequence numbers out of range are a BAD; UIDs that do not exist are skipped."""
-        n = len(self.uids)
-        out: set[int] = set()  # indexes
+        uids = self.uids
+        n = len(uids)
+        spans: list[tuple[int, int]] = []  # [i, j) index ranges
         if uid:
-            top = self.uids[-1] if n else 0
+            top = uids[-1] if n else 0
             for a, b in ranges:
                 lo, hi = a if a is not None else top, b if b is not None else top
                 if lo > hi:
                     lo, hi = hi, lo
-                i = bisect.bisect_left(self.uids, lo)
-                j = bisect.bisect_right(self.uids, hi)
-                out.update(range(i, j))
+                spans.append((bisect.bisect_left(uids, lo), bisect.bisect_right(uids, hi)))
         else:
             for a, b in ranges:
                 lo, hi = a if a is not None else n, b if b is not None else n
@@ -963,14 +1094,25 @@ class SelectedView:
                     lo, hi = hi, lo
                 if lo < 1 or hi > n:
                     raise MailboxError(None, "Invalid message sequence number", bad=True)
-                out.update(range(lo - 1, hi))
-        return [(i + 1, self.uids[i]) for i in sorted(out)]
+                spans.append((lo - 1, hi))
+        if len(spans) == 1:
+            i, j = spans[0]
+            return list(zip(range(i + 1, j + 1), uids[i:j], strict=True))
+        out: set[int] = set()  # indexes
+        for i, j in spans:
+            out.update(range(i, j))
+        return [(i + 1, uids[i]) for i in sorted(out)]
 
     def _live(self, targets: Iterable[tuple[int, int]]) -> list[tuple[int, int, int]]:
         """(seq, uid, index in the mailbox columns) of targets still in the mailbox."""
         mb = self.mailbox()
+        muids = mb.uids
+        n = len(muids) if self._aligned(mb) else 0
         out = []
         for seq, u in targets:
+            if 0 <= seq - 1 < n and muids[seq - 1] == u:
+                out.append((seq, u, seq - 1))
+                continue
             i = mb.position(u)
             if i is not None:
                 out.append((seq, u, i))
@@ -990,10 +1132,36 @@ class SelectedView:
         uid_cmd: bool = False,
         changedsince: int | None = None,
     ) -> list[FetchResult]:
-        """Render FETCH data for the targets still in the mailbox (expunged ones are skipped).
-        A body section without PEEK sets \\Seen through a background commit and the response
-        already shows it."""
-        mb = self.mailbox()
+        """Render FETCH data for the targets (see :meth:`fetch_lines`; targets that cannot be
+        served are left out). A body section without PEEK sets \\Seen through a background
+        commit and the response already shows it."""
+        rows, _ = self._fetch_rows(targets, atts, uid_cmd=uid_cmd, changedsince=changedsince)
+        return [FetchResult(seq, u, tuple(items)) for seq, u, items in rows]
+
+    def fetch_lines(
+        self,
+        targets: Sequence[tuple[int, int]],
+        atts: Sequence[FetchAtt],
+        *,
+        uid_cmd: bool = False,
+        changedsince: int | None = None,
+    ) -> tuple[bytes, int]:
+        """FETCH as response bytes, ``* seq FETCH (...)\\r\\n`` per message, and the number of
+        targets that could not be served. A target expunged by another session but not yet
+        announced to this one is served from what is still readable (the mailbox keeps the
+        columns of recent expunges; the body while compaction has not reclaimed it); when
+        that is gone it is left out and counted (the caller answers ``NO [EXPUNGEISSUED]``)."""
+        plan = self._fetch_plan(atts, uid_cmd, changedsince)
+        if plan.simple and changedsince is None:
+            fast = self._fetch_simple(self.mailbox(), targets, plan.atts)
+            if fast is not None:
+                return fast
+        rows, missing = self._fetch_rows(targets, atts, uid_cmd=uid_cmd, changedsince=changedsince)
+        return b"".join([b"* %d FETCH (%s)\r\n" % (q, b" ".join(it)) for q, _, it in rows]), missing
+
+    def _fetch_plan(
+        self, atts: Sequence[FetchAtt], uid_cmd: bool, changedsince: int | None
+    ) -> _FetchPlan:
         names = [a.name for a in atts]
         if changedsince is not None:
             self.condstore = True
@@ -1007,61 +1175,223 @@ class SelectedView:
             (a.section is not None and not a.peek) or a.name in ("RFC822", "RFC822.TEXT")
             for a in atts
         )
-        has_flags = any(a.name == "FLAGS" for a in atts)
-        blobs = self.store.index.blobs
-        newly_seen: list[int] = []
-        out: list[FetchResult] = []
-        for seq, u, i in self._live(targets):
-            if changedsince is not None and mb.modseqs[i] <= changedsince:
+        simple = not sets_seen and all(a.name in _SIMPLE_ITEMS for a in atts)
+        return _FetchPlan(tuple(atts), sets_seen, any(a.name == "FLAGS" for a in atts), simple)
+
+    def _fetch_simple(
+        self, mb: ix.Mailbox, targets: Sequence[tuple[int, int]], atts: Sequence[FetchAtt]
+    ) -> tuple[bytes, int] | None:
+        """The fast path for items from the index columns only, over one run of sequence
+        numbers: the view is mapped onto the columns run by run (:meth:`column_runs`), flag
+        lists are rendered once per combination, and the lines go straight into one buffer.
+        None when the targets are not such a run (the caller takes the general path)."""
+        if not targets:
+            return b"", 0
+        uids = self.uids
+        (s0, u0), (s1, u1) = targets[0], targets[-1]
+        a, b = s0 - 1, s1
+        if not (
+            0 <= a < b <= len(uids)
+            and b - a == len(targets)
+            and uids[a] == u0
+            and uids[b - 1] == u1
+        ):
+            return None
+        mapping = self.column_runs(mb)
+        if mapping is None:
+            return None
+        runs, gaps = mapping
+        names = [a.name for a in atts]
+        out: list[bytes] = []
+        missing = 0
+        pieces = sorted([*runs, *((g, g + 1, -1) for g in gaps)])
+        for first, end, col in pieces:
+            lo, hi = max(first, a), min(end, b)
+            if lo >= hi:
                 continue
-            flags = mb.flags[i]
-            seen_now = sets_seen and not flags & ix.SEEN
+            if col >= 0:
+                self._render_run(out, mb, lo + 1, col + lo - first, hi - lo, names)
+                continue
+            # expunged elsewhere, not yet announced here: what is still readable
+            rows, n = self._fetch_rows([(lo + 1, uids[lo])], atts, uid_cmd=False, changedsince=None)
+            missing += n
+            out.extend(b"* %d FETCH (%s)\r\n" % (q, b" ".join(it)) for q, _, it in rows)
+        return b"".join(out), missing
+
+    def _render_run(
+        self, out: list[bytes], mb: ix.Mailbox, seq: int, col: int, count: int, names: list[str]
+    ) -> None:
+        """FETCH lines for sequence numbers ``seq``… whose columns start at ``col``."""
+        end = col + count
+        items = self._flag_items
+        if self._flag_items_kw != (mb.keywords, len(mb.keywords)):
+            items.clear()
+            self._flag_items_kw = (mb.keywords, len(mb.keywords))
+        recent = self._recent
+        add = out.append
+        run = zip(
+            range(seq, seq + count),
+            mb.uids[col:end],
+            mb.flags[col:end],
+            mb.kwbits[col:end],
+            strict=True,
+        )
+        if names in (["FLAGS"], ["UID", "FLAGS"]):
+            with_uid = len(names) == 2
+            for q, u, f, k in run:
+                key = f | k << 9
+                if recent and u in recent:
+                    key |= 256
+                item = items.get(key)
+                if item is None:
+                    item = self._flag_item(mb, key)
+                if with_uid:
+                    add(b"* %d FETCH (UID %d %s)\r\n" % (q, u, item))
+                else:
+                    add(b"* %d FETCH (%s)\r\n" % (q, item))
+            return
+        i = col
+        for q, u, f, k in run:
+            parts: list[bytes] = []
+            for nm in names:
+                if nm == "FLAGS":
+                    key = f | k << 9
+                    if recent and u in recent:
+                        key |= 256
+                    item = items.get(key)
+                    parts.append(item if item is not None else self._flag_item(mb, key))
+                else:
+                    parts.append(self._simple_item(mb, nm, i, u))
+            add(b"* %d FETCH (%s)\r\n" % (q, b" ".join(parts)))
+            i += 1
+
+    @staticmethod
+    def _simple_item(mb: ix.Mailbox, nm: str, i: int, u: int) -> bytes:
+        if nm == "UID":
+            return b"UID %d" % u
+        if nm == "INTERNALDATE":
+            return b'INTERNALDATE "' + imap_date(mb.dates[i]).encode() + b'"'
+        if nm == "RFC822.SIZE":
+            return b"RFC822.SIZE %d" % mb.sizes[i]
+        if nm == "MODSEQ":
+            return b"MODSEQ (%d)" % mb.modseqs[i]
+        return b"THREADID NIL"
+
+    def _flag_item(self, mb: ix.Mailbox, key: int) -> bytes:
+        items = self._flag_items
+        if self._flag_items_kw != (mb.keywords, len(mb.keywords)):
+            items.clear()
+            self._flag_items_kw = (mb.keywords, len(mb.keywords))
+        item = items.get(key)
+        if item is None:
+            if len(items) >= _FLAG_ITEMS_MAX:
+                items.clear()
+            names = flag_names(key & 0xFF, mb.keyword_names(key >> 9), bool(key & 256))
+            item = items[key] = _flags_item(names)
+        return item
+
+    def _fetch_rows(
+        self,
+        targets: Sequence[tuple[int, int]],
+        atts: Sequence[FetchAtt],
+        *,
+        uid_cmd: bool,
+        changedsince: int | None,
+    ) -> tuple[list[tuple[int, int, list[bytes]]], int]:
+        """The general path: (seq, uid, rendered items) per served target, and how many
+        targets could not be served (expunged, columns or body no longer readable)."""
+        plan = self._fetch_plan(atts, uid_cmd, changedsince)
+        atts = plan.atts
+        mb = self.mailbox()
+        newly_seen: list[int] = []
+        out: list[tuple[int, int, list[bytes]]] = []
+        missing = 0
+        live = {u: i for _, u, i in self._live(targets)}
+        for seq, u in targets:
+            i = live.get(u)
+            row_mb = mb
+            if i is None:
+                # expunged by another session, not yet announced here
+                shadow = self._expunged_row(mb, u)
+                if shadow is None:
+                    missing += 1
+                    continue
+                row_mb, i = shadow, 0
+            if changedsince is not None and row_mb.modseqs[i] <= changedsince:
+                continue
+            flags = row_mb.flags[i]
+            seen_now = plan.sets_seen and row_mb is mb and not flags & ix.SEEN
             if seen_now:
                 flags |= ix.SEEN
                 newly_seen.append(u)
-            items: list[bytes] = []
-            blob: bytes | None = None
-            meta: MessageMeta | None = None
-            raw: bytes | None = None
-            for a in atts:
-                nm = a.name
-                if nm == "FLAGS":
-                    items.append(self._render_flags(mb, i, flags, u))
-                elif nm == "UID":
-                    items.append(b"UID %d" % u)
-                elif nm == "INTERNALDATE":
-                    items.append(b'INTERNALDATE "' + imap_date(mb.dates[i]).encode() + b'"')
-                elif nm == "RFC822.SIZE":
-                    items.append(b"RFC822.SIZE %d" % mb.sizes[i])
-                elif nm == "MODSEQ":
-                    items.append(b"MODSEQ (%d)" % mb.modseqs[i])
-                elif nm == "THREADID":
-                    items.append(b"THREADID NIL")
-                elif nm == "EMAILID":
-                    blob = blob or blobs.hash_at(mb.blobs[i])
-                    items.append(b"EMAILID (" + email_id(blob).encode() + b")")
-                else:
-                    blob = blob or blobs.hash_at(mb.blobs[i])
-                    meta = meta or self.service.meta(blob)
-                    if nm == "ENVELOPE":
-                        items.append(b"ENVELOPE " + envelope_imap(meta))
-                    elif nm == "BODYSTRUCTURE":
-                        items.append(b"BODYSTRUCTURE " + bodystructure_imap(meta, True))
-                    elif nm == "BODY" and a.section is None:
-                        items.append(b"BODY " + bodystructure_imap(meta, False))
-                    else:
-                        raw = raw if raw is not None else self.store.read_blob(blob)
-                        items.append(self._render_section(a, raw, meta))
-            if seen_now and not has_flags:
-                items.append(self._render_flags(mb, i, flags, u))
-            out.append(FetchResult(seq, u, tuple(items)))
+            try:
+                items = self._render_row(row_mb, i, u, flags, atts)
+            except StoreError:
+                if row_mb is mb:
+                    raise
+                missing += 1  # the expunged body was reclaimed meanwhile
+                continue
+            if seen_now and not plan.has_flags:
+                items.append(self._render_flags(row_mb, i, flags, u))
+            out.append((seq, u, items))
         if newly_seen:
             self._set_seen_later(newly_seen)
-        return out
+        return out, missing
+
+    def _expunged_row(self, mb: ix.Mailbox, uid: int) -> ix.Mailbox | None:
+        """A one-message stand-in with the columns of expunged ``uid`` as the mailbox kept
+        them, or None when they are gone (or the UID is not this view's)."""
+        row = self.store.index.expunged_rows.get((mb.guid, uid))
+        if row is None or self._index_of(uid) is None:
+            return None
+        modseq, flags, kw, date, size, blob = row
+        return ix.Mailbox(
+            mb.guid,
+            mb.account,
+            mb.name,
+            mb.uidvalidity,
+            mb.special_use,
+            keywords=mb.keywords,
+            uids=array("I", [uid]),
+            modseqs=array("Q", [modseq]),
+            flags=array("B", [flags]),
+            kwbits=array("Q", [kw]),
+            dates=array("q", [date]),
+            sizes=array("Q", [size]),
+            blobs=array("I", [blob]),
+        )
+
+    def _render_row(
+        self, mb: ix.Mailbox, i: int, u: int, flags: int, atts: Sequence[FetchAtt]
+    ) -> list[bytes]:
+        service = self.service
+        items: list[bytes] = []
+        blob: bytes | None = None
+        raw: bytes | None = None
+        for a in atts:
+            nm = a.name
+            if nm == "FLAGS":
+                items.append(self._render_flags(mb, i, flags, u))
+            elif nm in _SIMPLE_ITEMS:
+                items.append(self._simple_item(mb, nm, i, u))
+            else:
+                blob = blob or self.store.index.blobs.hash_at(mb.blobs[i])
+                if nm == "EMAILID":
+                    items.append(b"EMAILID (" + email_id(blob).encode() + b")")
+                elif nm == "ENVELOPE":
+                    items.append(b"ENVELOPE " + service.envelope(blob))
+                elif nm == "BODYSTRUCTURE":
+                    items.append(b"BODYSTRUCTURE " + service.bodystructure(blob, True))
+                elif nm == "BODY" and a.section is None:
+                    items.append(b"BODY " + service.bodystructure(blob, False))
+                else:
+                    raw = raw if raw is not None else self.store.read_blob(blob)
+                    items.append(self._render_section(a, raw, service.meta(blob)))
+        return items
 
     def _render_flags(self, mb: ix.Mailbox, i: int, flags: int, u: int) -> bytes:
-        names = flag_names(flags, mb.keyword_names(mb.kwbits[i]), self.is_recent(u))
-        return _flags_item(names)
+        recent = 256 if self._recent and u in self._recent else 0
+        return self._flag_item(mb, flags | recent | mb.kwbits[i] << 9)
 
     @staticmethod
     def _render_section(a: FetchAtt, raw: bytes, meta: MessageMeta) -> bytes:
@@ -1132,7 +1462,6 @@ class SelectedView:
         bits, kws = parse_flags(flags)
         live = self._live(targets)
         mb = self.mailbox()
-        uids = [u for _, u, _ in live]
         add_kw: tuple[str, ...]
         rem_kw: tuple[str, ...]
         if mode == "+":
@@ -1144,28 +1473,40 @@ class SelectedView:
             add, rem = bits, ALL_FLAGS & ~bits
             add_kw, rem_kw = kws, tuple(k for k in mb.keywords if k.lower() not in low)
         change = None
-        if uids:
-            for attempt in range(_COMMIT_RETRIES):
-                t = self.store.transaction()
-                change = t.store_flags(
-                    self.guid,
-                    uids,
-                    add=add,
-                    remove=rem,
-                    add_keywords=add_kw,
-                    remove_keywords=rem_kw,
-                    unchanged_since=unchanged_since,
-                )
-                try:
-                    await t.commit_async()
-                    break
-                except Conflict:
-                    if attempt == _COMMIT_RETRIES - 1:
-                        raise MailboxError("INUSE", "Mailbox is busy, try again") from None
-                    await self.store.settle()
-                except StoreError as e:
-                    raise _store_error(e) from None
+        noop_modified: list[int] = []
+        for attempt in range(_COMMIT_RETRIES):
+            # RFC 7162 allows either, but a STORE that changes nothing writes nothing: no new
+            # MODSEQ, hence no FETCH to other sessions for it
+            change = None
+            uids, noop = self._split_noop(self.mailbox(), live, add, rem, add_kw, rem_kw)
+            if unchanged_since is not None:
+                mbn = self.mailbox()
+                noop_modified = [
+                    u for u in noop if mbn.modseqs[mbn.position(u) or 0] > unchanged_since
+                ]
+            if not uids:
+                break
+            t = self.store.transaction()
+            change = t.store_flags(
+                self.guid,
+                uids,
+                add=add,
+                remove=rem,
+                add_keywords=add_kw,
+                remove_keywords=rem_kw,
+                unchanged_since=unchanged_since,
+            )
+            try:
+                await t.commit_async()
+                break
+            except Conflict:
+                if attempt == _COMMIT_RETRIES - 1:
+                    raise MailboxError("INUSE", "Mailbox is busy, try again") from None
+                await self.store.settle()
+            except StoreError as e:
+                raise _store_error(e) from None
         modified_uids = set(change.modified) if change is not None else set()
+        modified_uids.update(noop_modified)  # RFC 7162 3.1.3: the condition fails all the same
         if change is not None and change.modseq:
             for u in change.uids:
                 self._reported[u] = change.modseq
@@ -1192,6 +1533,39 @@ class SelectedView:
             modified = tuple(seq for seq, u, _ in live if u in modified_uids)
         return StoreResult(tuple(fetches), modified)
 
+    @staticmethod
+    def _split_noop(
+        mb: ix.Mailbox,
+        live: Sequence[tuple[int, int, int]],
+        add: int,
+        rem: int,
+        add_kw: Sequence[str],
+        rem_kw: Sequence[str],
+    ) -> tuple[list[int], list[int]]:
+        """(UIDs a flag change would change, UIDs it would leave as they are), by the index as
+        it is now (the same rule as the index's: add, then remove). Expunged ones are in
+        neither."""
+        akw = rkw = 0
+        every = False
+        for name in add_kw:
+            b = mb.keyword_bit(name, create=False)
+            every |= not b  # a keyword the mailbox does not have yet: no message has it
+            akw |= b
+        for name in rem_kw:
+            rkw |= mb.keyword_bit(name, create=False)
+        changing: list[int] = []
+        noop: list[int] = []
+        for _, u, _ in live:
+            i = mb.position(u)
+            if i is None:
+                continue
+            f, k = mb.flags[i], mb.kwbits[i]
+            if every or (f | add) & ~rem & 0xFF != f or (k | akw) & ~rkw != k:
+                changing.append(u)
+            else:
+                noop.append(u)
+        return changing, noop
+
     # -- EXPUNGE, COPY, MOVE -------------------------------------------------------------------
 
     async def expunge(self, uids: Sequence[int] | None = None) -> int:
@@ -1199,13 +1573,17 @@ class SelectedView:
         Returns how many; the EXPUNGE responses come from the next :meth:`sync`."""
         self._writable()
         mb = self.mailbox()
-        allowed = set(uids) if uids is not None else None
-        known = self._known_set()
-        gone = [
-            u
-            for u, f in zip(mb.uids, mb.flags, strict=True)
-            if f & ix.DELETED and u in known and (allowed is None or u in allowed)
-        ]
+        if uids is not None:
+            gone = []
+            for u in sorted(set(uids)):
+                i = mb.position(u)
+                if i is not None and mb.flags[i] & ix.DELETED and self._index_of(u) is not None:
+                    gone.append(u)
+        else:
+            known = self._known_set()
+            gone = [
+                u for u, f in zip(mb.uids, mb.flags, strict=True) if f & ix.DELETED and u in known
+            ]
         if not gone:
             return 0
         t = self.store.transaction()

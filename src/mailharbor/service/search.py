@@ -5,11 +5,14 @@ Theory of operation
 -------------------
 The adapter turns the parsed search program into a tree of :class:`Key` (``op`` is the upper-case
 RFC keyword; ``SEQ``/``UID`` carry ranges, ``AND``/``OR``/``NOT`` carry children). :func:`search`
-walks the view's live messages and evaluates the tree per message with a lazy context: flags,
-sizes, dates and MODSEQs come from the index columns; header keys read the message header (one
-slice of the cached blob); ``BODY``/``TEXT`` decode the text parts found through the stored MIME
-metadata (base64 and quoted-printable, then the part's charset). The children of an ``AND`` are
-evaluated cheapest first, so ``UNSEEN FROM x`` reads no blob for seen messages.
+narrows the view's live messages key by key: flag keys are evaluated over the index's flag column
+in one pass, ``AND`` narrows the candidates child by child (cheapest first, so ``UNSEEN FROM x``
+reads no header of a seen message), ``OR``/``NOT`` combine subsets; every other key is evaluated
+per candidate with a lazy context: sizes, dates and MODSEQs come from the index columns; header
+keys read the message header (one slice of the cached blob; parsed fields are cached by body
+hash, and their case-folded values per blob slot, so a repeated FROM search is one lookup per
+message); ``BODY``/``TEXT`` decode the text parts found through the stored MIME metadata
+(base64 and quoted-printable, then the part's charset).
 
 Matching rules: strings match as case-insensitive substrings (``casefold``) of the decoded value
 (RFC 2047 encoded words are decoded in header fields); ``BEFORE``/``ON``/``SINCE`` compare the
@@ -30,9 +33,11 @@ import datetime as dt
 import email.utils
 import quopri
 import re
+import weakref
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from itertools import chain
 
 from mailharbor.service.mailbox import SelectedView, email_id
 from mailharbor.service.mime import BodyPart, MessageMeta
@@ -388,24 +393,152 @@ def _match(k: Key, m: _Msg) -> bool:
     return False
 
 
+class _Rows:
+    """The messages a search runs over, as parallel columns: sequence number, UID and index in
+    the mailbox's columns. A candidate set is a list of row numbers, ascending."""
+
+    __slots__ = ("mb", "pos", "seqs", "uids", "view")
+
+    def __init__(
+        self,
+        view: SelectedView,
+        mb: ix.Mailbox,
+        seqs: Sequence[int],
+        uids: Sequence[int],
+        pos: Sequence[int],
+    ) -> None:
+        self.view, self.mb, self.seqs, self.uids, self.pos = view, mb, seqs, uids, pos
+
+    def msg(self, r: int) -> _Msg:
+        return _Msg(self.view, self.mb, self.seqs[r], self.uids[r], self.pos[r])
+
+
+class _SlotColumns:
+    """Case-folded header field values by blob slot, one column per field name: what FROM/TO/
+    CC/BCC/SUBJECT/HEADER compare, one dict lookup per message. Bound to one blob table (a
+    slot names the same body for the table's lifetime; a new index brings a new table, and
+    the columns start over) and bounded in size."""
+
+    def __init__(self, limit: int, max_names: int) -> None:
+        self.limit = limit
+        self.max_names = max_names
+        self._table: weakref.ref[ix.BlobTable] | None = None
+        self._cols: dict[str, dict[int, list[str] | None]] = {}
+
+    def column(self, blobs: ix.BlobTable, name: str) -> dict[int, list[str] | None]:
+        if self._table is None or self._table() is not blobs:
+            self._table = weakref.ref(blobs)
+            self._cols = {}
+        col = self._cols.get(name)
+        if col is None:
+            if len(self._cols) >= self.max_names:
+                self._cols = {}
+            col = self._cols[name] = {}
+        elif len(col) >= self.limit:
+            col.clear()
+        return col
+
+
+_slot_columns = _SlotColumns(50_000, 16)
+_ABSENT: list[str] = []  # a distinct object: "not cached yet"
+
+
+def _header_matches(k: Key, rows: _Rows, cand: list[int]) -> list[int]:
+    """FROM/TO/CC/BCC/SUBJECT/HEADER over the candidates (same rule as :func:`_match`)."""
+    name = _ADDRESS_HEADERS.get(k.op) or k.name.lower()
+    needle = k.text.casefold()
+    blobs = rows.view.store.index.blobs
+    col = _slot_columns.column(blobs, name)
+    slots, pos = rows.mb.blobs, rows.pos
+    out: list[int] = []
+    for r in cand:
+        s = slots[pos[r]]
+        values = col.get(s, _ABSENT)
+        if values is _ABSENT:
+            values = col[s] = rows.msg(r).fields().folded(name)
+        if values is not None:
+            for v in values:
+                if needle in v:
+                    out.append(r)
+                    break
+    return out
+
+
+def _select(k: Key, rows: _Rows, cand: list[int]) -> list[int]:
+    """The candidates (row numbers, ascending) that match ``k``: index-only keys are evaluated
+    over the columns, boolean keys combine subsets (an AND narrows child by child, cheapest
+    first), the rest per message with :func:`_match`."""
+    op = k.op
+    fk = _FLAG_KEYS.get(op)
+    if fk is not None:
+        fl, pos = rows.mb.flags, rows.pos
+        bit, want = fk
+        if want:
+            return [r for r in cand if fl[pos[r]] & bit]
+        return [r for r in cand if not fl[pos[r]] & bit]
+    if op == "ALL":
+        return cand
+    if op == "AND":
+        for c in k.keys:
+            if not cand:
+                break
+            cand = _select(c, rows, cand)
+        return cand
+    if op == "OR":
+        first = _select(k.keys[0], rows, cand)
+        if len(first) == len(cand):
+            return cand
+        got = set(first)
+        second = _select(k.keys[1], rows, [r for r in cand if r not in got])
+        if not second:
+            return first
+        got.update(second)
+        return [r for r in cand if r in got]
+    if op == "NOT":
+        drop = set(_select(k.keys[0], rows, cand))
+        return [r for r in cand if r not in drop]
+    if op in _ADDRESS_HEADERS or op == "HEADER":
+        return _header_matches(k, rows, cand)
+    return [r for r in cand if _match(k, rows.msg(r))]
+
+
 def search(
     view: SelectedView, program: Key, *, candidates: Sequence[tuple[int, int]] | None = None
 ) -> SearchResult:
     """Evaluate ``program`` over the view's live messages (or ``candidates``)."""
     mb = view.mailbox()
     key = _order(program)
-    targets = candidates if candidates is not None else list(enumerate(view.uids, 1))
-    out: list[tuple[int, int]] = []
-    highest = 0
-    for seq, uid in targets:
-        i = mb.position(uid)
-        if i is None:
-            continue
-        m = _Msg(view, mb, seq, uid, i)
-        if _match(key, m):
-            out.append((seq, uid))
-            highest = max(highest, mb.modseqs[i])
+    rows: _Rows
+    mapping = view.column_runs(mb) if candidates is None else None
+    if mapping is not None:
+        runs, _ = mapping  # the view's messages still in the mailbox, run by run
+        if len(runs) == 1 and runs[0][0] == runs[0][2] == 0:
+            n = runs[0][1]
+            rows = _Rows(view, mb, range(1, n + 1), view.uids, range(n))
+        else:
+            rows = _Rows(
+                view,
+                mb,
+                list(chain.from_iterable(range(f + 1, e + 1) for f, e, _ in runs)),
+                list(chain.from_iterable(view.uids[f:e] for f, e, _ in runs)),
+                list(chain.from_iterable(range(c, c + e - f) for f, e, c in runs)),
+            )
+    else:
+        targets = candidates if candidates is not None else list(enumerate(view.uids, 1))
+        seqs: list[int] = []
+        uids: list[int] = []
+        pos: list[int] = []
+        for seq, uid in targets:
+            i = mb.position(uid)
+            if i is not None:
+                seqs.append(seq)
+                uids.append(uid)
+                pos.append(i)
+        rows = _Rows(view, mb, seqs, uids, pos)
+    hits = _select(key, rows, list(range(len(rows.seqs))))
+    out = tuple((rows.seqs[r], rows.uids[r]) for r in hits)
     if _uses_modseq(program):
         view.condstore = True
-        return SearchResult(tuple(out), highest)
-    return SearchResult(tuple(out), 0)
+        modseqs = mb.modseqs
+        return SearchResult(out, max((modseqs[rows.pos[r]] for r in hits), default=0))
+    return SearchResult(out, 0)

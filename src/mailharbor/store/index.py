@@ -13,6 +13,12 @@ bits, INTERNALDATE, size, blob slot, message GUID) and blobs column-wise in one 
 is no Python object per message. A blob's identity is its BLAKE2b-256 hash; the table maps the
 first 8 bytes (as an int) to a slot and confirms the full hash on lookup.
 
+Two bounded in-memory aids for sessions, not part of the checkpoint (so not of the logical
+state either): per mailbox a flag change log (MODSEQ, UID), so that an IMAP view finds what
+changed since its last look in O(changes) rather than O(mailbox), and node-wide the columns of
+the most recently expunged messages, which a view that has not yet announced the expunge may
+still show. Both are bounded (`CHANGE_LOG_MAX` per mailbox, `EXPUNGED_ROWS_MAX` in all).
+
 Invariants:
 * per mailbox, `uids` is strictly ascending; `uidnext` > every UID ever applied; `highestmodseq`
   >= every MODSEQ ever applied; neither ever decreases (expunge keeps them);
@@ -53,6 +59,13 @@ SPECIAL_USE = {
     "\\All": SU_ALL,
     "\\Flagged": SU_FLAGGED,
 }
+
+CHANGE_LOG_MAX = 1024
+"""Entries in a mailbox's in-memory flag change log before its older half is dropped (12 bytes
+each; a session that falls further behind finds its changes by a scan instead)."""
+
+EXPUNGED_ROWS_MAX = 4096
+"""Expunged messages, node-wide, whose columns are kept in memory (`Index.expunged_rows`)."""
 
 MAX_KEYWORDS = 64
 """Keywords per mailbox (stored as a 64-bit mask per message); more are refused by the store."""
@@ -199,6 +212,12 @@ class Mailbox:
     vanished_uids: array[int] = field(default_factory=lambda: array("I"))
     vanished_modseqs: array[int] = field(default_factory=lambda: array("Q"))
     total_size: int = 0
+    # Flag changes as applied, (MODSEQ, UID) in ascending MODSEQ, so that a session finds what
+    # changed since its last look in O(changes). In memory only (not in the checkpoint) and
+    # bounded: changes with a MODSEQ <= `changes_floor` may be missing from it.
+    change_modseqs: array[int] = field(default_factory=lambda: array("Q"))
+    change_uids: array[int] = field(default_factory=lambda: array("I"))
+    changes_floor: int = 0
 
     def __len__(self) -> int:
         return len(self.uids)
@@ -232,6 +251,30 @@ class Mailbox:
     def keyword_names(self, bits: int) -> list[str]:
         return [k for i, k in enumerate(self.keywords) if bits >> i & 1]
 
+    def changed_uids_since(self, modseq: int) -> list[int] | None:
+        """UIDs whose flags changed with a MODSEQ > `modseq` (ascending, unique; some may be
+        expunged since), or None when the change log does not reach back that far."""
+        if modseq < self.changes_floor:
+            return None
+        k = bisect.bisect_right(self.change_modseqs, modseq)
+        return sorted(set(self.change_uids[k:]))
+
+    def _log_change(self, modseq: int, uid: int) -> None:
+        log_m = self.change_modseqs
+        if log_m and modseq < log_m[-1]:
+            # out of MODSEQ order (not written by one primary): restart the log above it
+            self.changes_floor = max(self.changes_floor, log_m[-1], modseq)
+            del log_m[:]
+            del self.change_uids[:]
+            return
+        if len(log_m) >= CHANGE_LOG_MAX:
+            half = len(log_m) // 2
+            self.changes_floor = max(self.changes_floor, log_m[half - 1])
+            del log_m[:half]
+            del self.change_uids[:half]
+        log_m.append(modseq)
+        self.change_uids.append(uid)
+
     def _insert(
         self,
         uid: int,
@@ -262,8 +305,19 @@ class Mailbox:
     def _remove(self, positions: list[int]) -> None:
         if not positions:
             return
-        drop = set(positions)
-        keep = [i for i in range(len(self.uids)) if i not in drop]
+        drop = sorted(set(positions), reverse=True)
+        if len(drop) <= 64:
+            # a few: delete in place, highest position first (C memmoves)
+            cols = (self.uids, self.modseqs, self.flags, self.kwbits, self.dates, self.blobs)
+            for i in drop:
+                self.total_size -= self.sizes[i]
+                del self.sizes[i]
+                for c in cols:
+                    del c[i]
+                del self.msg_guids[i * 16 : i * 16 + 16]
+            return
+        dropped = set(drop)
+        keep = [i for i in range(len(self.uids)) if i not in dropped]
         for name in ("uids", "modseqs", "flags", "kwbits", "dates", "sizes", "blobs"):
             col: array[int] = getattr(self, name)
             setattr(self, name, array(col.typecode, (col[i] for i in keep)))
@@ -315,6 +369,11 @@ class Index:
         self.queue: dict[bytes, QueueEntry] = {}
         self.message_count = 0
         self._touched: set[bytes] = set()
+        # The columns of the most recently expunged messages, node-wide and bounded, by
+        # (mailbox GUID, UID): (MODSEQ, flags, keyword bits, date, size, blob slot), oldest
+        # first. What a session that has not yet announced an expunge can still show of the
+        # message (RFC 2180 4.1). In memory only.
+        self.expunged_rows: dict[tuple[bytes, int], tuple[int, int, int, int, int, int]] = {}
 
     # -- reads ---------------------------------------------------------------------------------
 
@@ -454,13 +513,25 @@ class Index:
                 mb.flags[i] = (mb.flags[i] | rec.add) & ~rec.remove & 0xFF
                 mb.kwbits[i] = (mb.kwbits[i] | add_kw) & ~rm_kw & 0xFFFFFFFFFFFFFFFF
                 mb.modseqs[i] = rec.modseq
+                mb._log_change(rec.modseq, uid)
             mb.highestmodseq = max(mb.highestmodseq, rec.modseq)
         elif isinstance(rec, fmt.Expunge):
             mb = self.mailboxes.get(rec.mailbox)
             if mb is None:
                 return
             pos = [i for i in (mb.position(u) for u in rec.uids) if i is not None]
+            rows = self.expunged_rows
             for i in pos:
+                rows[(mb.guid, mb.uids[i])] = (
+                    mb.modseqs[i],
+                    mb.flags[i],
+                    mb.kwbits[i],
+                    mb.dates[i],
+                    mb.sizes[i],
+                    mb.blobs[i],
+                )
+                if len(rows) > EXPUNGED_ROWS_MAX:
+                    del rows[next(iter(rows))]
                 self.blobs.unref(mb.blobs[i])
                 mb.vanished_uids.append(mb.uids[i])
                 mb.vanished_modseqs.append(rec.modseq)
@@ -690,6 +761,7 @@ class Index:
                 m.vanished_modseqs,
             ) = (r.arr(t) for t in "IQBQqQIIQ")
             m.msg_guids = bytearray(r.raw(r.u64()))
+            m.changes_floor = m.highestmodseq  # the change log starts empty
             if len(m.msg_guids) != 16 * len(m.uids):
                 raise FormatError("checkpoint mailbox columns disagree")
             ix.mailboxes[m.guid] = m

@@ -17,6 +17,10 @@ Values (what goes into untagged data, FETCH items, codes):
 - :class:`Raw` → pre-rendered bytes passed through (ENVELOPE, BODYSTRUCTURE from
   :mod:`mailharbor.service.mime`). The caller vouches for them.
 
+:class:`RawLines` is an :class:`Untagged` made of whole pre-rendered response lines (a
+FETCH result for many messages), for the hot paths where building one value tree per message
+would cost more than the rest of the command.
+
 Responses: :class:`Tagged` (the tag is filled in by the engine: it completes the command in
 progress), :class:`Untagged` (``* ...``: status responses and data) and :class:`Continuation`
 (``+ ...``; the engine produces those itself). Build them with the functions below (``ok``,
@@ -29,6 +33,7 @@ from __future__ import annotations
 
 import datetime
 import enum
+import re
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import ClassVar
@@ -45,6 +50,7 @@ __all__ = [
     "Literal",
     "Mailbox",
     "Raw",
+    "RawLines",
     "Response",
     "ResponseStatus",
     "Tagged",
@@ -84,6 +90,10 @@ _MAX_TEXT = 1000
 _ATOM_SPECIALS = frozenset(b'(){ %*"\\]')
 
 
+_NOT_ATOM_CHAR = re.compile('[\\x00-\\x20\\x7f-\\ud7ff\\ue000-\\U0010ffff(){"]')
+"""A character that makes a text no :class:`Atom`: controls, space, non-ASCII, ``(){"``."""
+
+
 def _is_atom(data: bytes, *, allow_bracket: bool = False) -> bool:
     if not data:
         return False
@@ -102,8 +112,8 @@ class Atom:
     text: str
 
     def __post_init__(self) -> None:
-        b = self.text.encode("utf-8", "replace")
-        if not b or any(c <= 0x20 or c >= 0x7F or c in b'(){"' for c in b):
+        # (a lone surrogate encodes as "?" with errors="replace", hence not rejected here)
+        if not self.text or _NOT_ATOM_CHAR.search(self.text) is not None:
             raise ValueError(f"not an atom: {self.text!r}")
 
 
@@ -430,6 +440,18 @@ class Untagged:
             _render_into(out, v, utf8)
         out += b"\r\n"
         return bytes(out)
+
+
+@dataclass(frozen=True)
+class RawLines(Untagged):
+    """Untagged responses rendered by the caller: complete ``* ...\\r\\n`` lines, written
+    verbatim (e.g. the FETCH responses for a thousand messages in one piece). The caller vouches
+    for them; never a BYE."""
+
+    lines: bytes = b""
+
+    def to_bytes(self, utf8: bool = False) -> bytes:
+        return self.lines
 
 
 @dataclass(frozen=True)

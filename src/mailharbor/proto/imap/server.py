@@ -366,8 +366,9 @@ class ImapServerConnection:
                 caps.append("LOGINDISABLED")
         caps += [
             "LITERAL+", "ID", "ENABLE", "IDLE", "NAMESPACE", "UNSELECT", "UIDPLUS", "MOVE",
-            "CHILDREN", "LIST-EXTENDED", "LIST-STATUS", "SPECIAL-USE", "ESEARCH", "CONDSTORE",
-            "QRESYNC", "QUOTA", "QUOTA=RES-STORAGE", "OBJECTID", "STATUS=SIZE",
+            "CHILDREN", "LIST-EXTENDED", "LIST-STATUS", "SPECIAL-USE", "CREATE-SPECIAL-USE",
+            "ESEARCH", "CONDSTORE", "QRESYNC", "QUOTA", "QUOTA=RES-STORAGE", "OBJECTID",
+            "STATUS=SIZE",
         ]  # fmt: skip
         if self.config.utf8_accept:
             caps.append("UTF8=ACCEPT")
