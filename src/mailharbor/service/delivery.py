@@ -81,7 +81,7 @@ from mailharbor.service import maillog
 from mailharbor.service.dsn import DsnRecipient, build_dsn
 from mailharbor.service.mime import META_VERSION, encode_meta, parse_message
 from mailharbor.service.queue import QueueParams, add_report
-from mailharbor.store import BlobWriter, Store, StoreError, Transaction
+from mailharbor.store import BlobWriter, Store, StoreError, Transaction, WritesFrozen
 
 __all__ = [
     "Envelope",
@@ -107,6 +107,12 @@ R_RELAY = Reply(554, "5.7.1", "Relay access denied")
 R_QUOTA = Reply(452, "4.2.2", "Mailbox full")
 R_NOT_OWNED = Reply(553, "5.7.1", "Sender address rejected: not owned by user")
 R_TEMP = Reply(451, "4.3.0", "Error: queue file write error")
+R_FROZEN = Reply(451, "4.3.0", "Error: writes suspended (replication peer lost), try again later")
+
+
+def _store_reply(e: StoreError | None) -> Reply:
+    """The temporary failure for a store error: specific when writes are frozen by fencing."""
+    return R_FROZEN if isinstance(e, WritesFrozen) else R_TEMP
 
 
 def new_queue_id() -> str:
@@ -214,6 +220,7 @@ class MessageSpool:
         self.size = 0  # body bytes after CRLF repair
         self.head = bytearray()
         self.failed = False
+        self.error: StoreError | None = None  # the store error that failed the spool
         self._carry = b""
         self._local: BlobWriter | None = None
         self._queued: BlobWriter | None = None
@@ -233,6 +240,7 @@ class MessageSpool:
             log.error("cannot stream message %s into the store: %s", envelope.queue_id, e)
             self.abort()
             self.failed = True
+            self.error = e
 
     @property
     def local_size(self) -> int:
@@ -263,6 +271,7 @@ class MessageSpool:
             log.error("streaming a message into the store failed: %s", e)
             self.abort()
             self.failed = True
+            self.error = e
 
     def _put(self, data: bytes) -> None:
         self.size += len(data)
@@ -278,6 +287,7 @@ class MessageSpool:
             log.error("streaming a message into the store failed: %s", e)
             self.abort()
             self.failed = True
+            self.error = e
 
     def finish(self) -> tuple[bytes | None, bytes | None]:
         """The hashes of the local and the queued copy (None where not written)."""
@@ -569,7 +579,7 @@ class LocalDelivery:
                 self._success_report(t, envelope, replies, received + extra + body)
         except StoreError as e:
             log.error("delivery of %s failed: %s", envelope.queue_id, e)
-            return self._finish(envelope, body, [R_TEMP] * n, "store error", started)
+            return self._finish(envelope, body, [_store_reply(e)] * n, "store error", started)
         except Exception:
             log.exception("delivery of %s failed", envelope.queue_id)
             return self._finish(envelope, body, [R_TEMP] * n, "internal error", started)
@@ -598,7 +608,8 @@ class LocalDelivery:
         size = spool.size
         if spool.failed:
             spool.abort()
-            return self._finish(envelope, head, [R_TEMP] * n, "store error", started, size=size)
+            reply = _store_reply(spool.error)
+            return self._finish(envelope, head, [reply] * n, "store error", started, size=size)
         if not per_recipient and any(not r.positive for r in replies):
             spool.abort()
             return self._finish(envelope, head, [R_QUOTA] * n, "over quota", started, size=size)
@@ -623,7 +634,8 @@ class LocalDelivery:
         except StoreError as e:
             spool.abort()
             log.error("delivery of %s failed: %s", envelope.queue_id, e)
-            return self._finish(envelope, head, [R_TEMP] * n, "store error", started, size=size)
+            reply = _store_reply(e)
+            return self._finish(envelope, head, [reply] * n, "store error", started, size=size)
         except Exception:
             spool.abort()
             log.exception("delivery of %s failed", envelope.queue_id)

@@ -92,6 +92,7 @@ from mailharbor.store import (
     StoreIOError,
     StoreReadOnly,
     Transaction,
+    WritesFrozen,
     check_mailbox_name,
 )
 from mailharbor.store import index as ix
@@ -166,6 +167,9 @@ def _store_error(e: StoreError) -> MailboxError:
         return MailboxError("ALREADYEXISTS", "Mailbox already exists")
     if isinstance(e, InvalidArgument):
         return MailboxError("CANNOT", "Operation not permitted on this mailbox")
+    if isinstance(e, WritesFrozen):
+        log.warning("store refused a write: %s", e)
+        return MailboxError("UNAVAILABLE", "Writes suspended (replication peer lost), try again")
     if isinstance(e, StoreReadOnly | StoreIOError):
         log.error("store refused a write: %s", e)
         return MailboxError("UNAVAILABLE", "Server is not accepting changes now, try again")
@@ -386,17 +390,17 @@ class FetchResult:
 
 
 @dataclass(frozen=True, slots=True)
-class StoreResult:
-    fetches: tuple[FetchResult, ...]
-    modified: tuple[int, ...]  # sequence numbers (STORE) or UIDs (UID STORE)
-
-
-@dataclass(frozen=True, slots=True)
 class _FetchPlan:
     atts: tuple[FetchAtt, ...]  # with UID (UID FETCH) and MODSEQ (CHANGEDSINCE) added
     sets_seen: bool  # a body section without PEEK: sets \\Seen
     has_flags: bool
     simple: bool  # only items from the index columns
+
+
+@dataclass(frozen=True, slots=True)
+class StoreResult:
+    fetches: tuple[FetchResult, ...]
+    modified: tuple[int, ...]  # sequence numbers (STORE) or UIDs (UID STORE)
 
 
 @dataclass(frozen=True, slots=True)

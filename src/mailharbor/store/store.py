@@ -24,7 +24,8 @@ for byte (visible ones, or with `durable=True` also those fsynced but still held
 barrier); `ingest` appends a peer's frames (HOLE frames included) byte for byte; `cut_tail` is the
 one exception to append-only; `logical_digest` is what verify compares; `begin_generation`,
 `generations()`, `retain_from`/`first_retained_lsn` and the opaque `<data>/repl/meta` serve the
-replication layer's generations and retention.
+replication layer's generations and retention; `freeze_writes`/`thaw_writes` let the fencing
+policy refuse local writes (`WritesFrozen`, nothing appended) without closing the store.
 
 The cut (`cut_tail`) is made crash-safe by an intent: the quarantine file (the cut frames verbatim)
 is made durable first, then `<data>/log/CUT-INTENT` (written atomically) names the cut position,
@@ -42,6 +43,11 @@ Invariants:
 * one process per data directory (an exclusive lock on `<data>/LOCK`);
 * the log only grows at its end, except through `cut_tail`, which runs with nothing pending and no
   blob writer streaming, and whose intent is redone at open before anything reads the log;
+  `drop_head` (the retention horizon: dead, checkpointed head segments, lowest first) and
+  `install_snapshot` (a whole received log, swapped under an intent redone at open before a cut
+  intent) — see docs/store.md, "Retention horizon and snapshots";
+* a log that does not start at LSN 1 is opened only from a checkpoint, never by replay;
+* while writes are frozen (`freeze_writes`) nothing is appended locally (`ingest` still is);
 * no checkpoint whose LSN is above the end of the log survives a cut (they are deleted before the
   intent is removed), so a checkpoint never describes frames the log no longer holds;
 * generations never decrease along the log for ingested frames, and `Store.generation` never
@@ -76,7 +82,15 @@ from typing import Protocol
 from mailharbor.store import format as fmt
 from mailharbor.store import index as ix
 from mailharbor.store.fsio import FileSystem, OsFileSystem, ReadableFile, WritableFile
-from mailharbor.store.log import find_next_valid, list_segments, scan_segment, segment_path
+from mailharbor.store.log import (
+    SEGMENT_PREFIX,
+    SEGMENT_SUFFIX,
+    find_next_valid,
+    list_segments,
+    scan_segment,
+    segment_name,
+    segment_path,
+)
 from mailharbor.store.ops import (
     DEFAULT_MAILBOXES,
     STRUCTURAL,
@@ -118,6 +132,8 @@ REPL_DIR = "repl"  # node-local replication state: `meta` (opaque, the adapter's
 REPL_META = "meta"
 GENERATION_FILE = "generation"
 CUT_INTENT = "CUT-INTENT"  # in the log directory while a cut is being applied
+SNAPSHOT_STAGING = "snapshot-incoming"  # a snapshot being received (`write_snapshot_file`)
+INSTALL_INTENT = "INSTALL-INTENT"  # in the data directory while a snapshot is being installed
 NO_RETENTION = 1 << 63
 """The default `Store.retain_from`: no peer to retain anything for."""
 
@@ -135,7 +151,14 @@ class StoreLocked(StoreError):
 
 
 class StoreReadOnly(StoreError):
-    """The store is in ERROR (after an I/O error) or closed: no writes."""
+    """The store is in ERROR (after an I/O error) or closed — or writes are frozen
+    (:class:`WritesFrozen`): no writes."""
+
+
+class WritesFrozen(StoreReadOnly):
+    """Writes are frozen by replication fencing (`Store.freeze_writes`): the peer was lost and
+    the policy holds writes until it is Outdated or fenced. Nothing of the refused (or held)
+    commit is acknowledged; the store stays open and resumes with `thaw_writes`."""
 
 
 class StoreIOError(StoreError):
@@ -815,6 +838,39 @@ class _CutIntent:
         return cls(after, segno, off, last_seg, last, path)
 
 
+class SnapshotExport:
+    """A consistent snapshot (`Store.export_snapshot`): `files` lists (name, size) to send in
+    order — the segments, then the checkpoint; `read(i, offset, n)` reads file `i`."""
+
+    def __init__(
+        self, lsn: int, files: list[tuple[str, int, ReadableFile | None]], checkpoint: bytes
+    ) -> None:
+        self.lsn = lsn
+        self._files = files
+        self._checkpoint = checkpoint
+        self.files = [(n, size) for n, size, _ in files]
+        self.total_bytes = sum(size for _, size in self.files)
+
+    def read(self, i: int, offset: int, n: int) -> bytes:
+        _, size, f = self._files[i]
+        n = max(0, min(n, size - offset))
+        if f is None:
+            return self._checkpoint[offset : offset + n]
+        return f.pread(n, offset)
+
+    def close(self) -> None:
+        for _, _, f in self._files:
+            if f is not None:
+                f.close()
+
+
+_SNAPSHOT_NAME_RE = re.compile(r"^(segment-[0-9]{8}\.log|checkpoint-[0-9]{20}\.ckpt)$")
+
+
+def _snapshot_name_ok(name: str) -> bool:
+    return bool(_SNAPSHOT_NAME_RE.match(name))
+
+
 def _checkpoint_name_lsn(name: str) -> int | None:
     m = re.fullmatch(r"checkpoint-(\d+)\.ckpt", name)
     return int(m.group(1)) if m else None
@@ -869,6 +925,8 @@ class Store:
         self.index = ix.Index()
         self.recovery: RecoveryReport | None = None
         self.barrier: DurabilityBarrier | None = None
+        self.frozen_reason = ""  # non-empty: local writes refused (`freeze_writes`)
+        self._staging: dict[str, WritableFile] | None = None  # a snapshot being received
         self._logdir = os.path.join(data_dir, LOG_DIR)
         self._ckptdir = os.path.join(data_dir, CHECKPOINT_DIR)
         self._repldir = os.path.join(data_dir, REPL_DIR)
@@ -1006,7 +1064,12 @@ class Store:
             for name in self.fs.listdir(self._repldir):
                 if name not in (REPL_META, GENERATION_FILE) and ".tmp" in name:
                     self.fs.unlink(os.path.join(self._repldir, name))
-        # Before anything reads segments or checkpoints: finish a cut a crash interrupted.
+        # Before anything reads segments or checkpoints: finish an install, then a cut, that a
+        # crash interrupted.
+        installing = self._read_install_intent()
+        if installing is not None:
+            log.warning("finishing an interrupted snapshot install")
+            self._apply_install(installing)
         cut_redone = ""
         intent = self._read_cut_intent()
         if intent is not None:
@@ -1045,6 +1108,12 @@ class Store:
             raise CorruptLog(f"missing segment files between {segnos[0]} and {segnos[-1]}")
 
         index, pos, rejected, hist = self._load_checkpoint(segnos)
+        if pos is None and segnos and self._segments[segnos[0]].first_lsn > 1:
+            raise CorruptLog(
+                f"the log starts at LSN {self._segments[segnos[0]].first_lsn} (its head was "
+                f"dropped or it came from a snapshot) and no checkpoint covers it ({rejected}); "
+                "move the data directory aside and let the node fetch a full sync from its peer"
+            )
         self.index = index
         self._gen_history = list(hist)
         ckpt_lsn = index.last_lsn
@@ -1182,6 +1251,8 @@ class Store:
         ck = parse_checkpoint(data)
         for s, rewrites in ck.segments:
             h = self._segments.get(s)
+            if h is None and segnos and s < segnos[0]:
+                continue  # dropped by the retention horizon (`drop_head`)
             if h is None or h.rewrites != rewrites:
                 raise fmt.FormatError(f"segment {s} changed since the checkpoint")
         if ck.segno not in segnos or ck.offset > self._segment_size(ck.segno):
@@ -1193,10 +1264,8 @@ class Store:
             raise fmt.FormatError("checkpoint generation history beyond its LSN")
         return index, (ck.segno, ck.offset), ck.history
 
-    def checkpoint(self) -> int:
-        """Write a node-local checkpoint of the applied index (atomically) and prune old ones.
-        Returns its LSN."""
-        self._check_thread()
+    def _checkpoint_data(self) -> tuple[str, bytes]:
+        """The file name and content of a checkpoint of the applied index, as of now."""
         segno, off = self._applied_pos
         body = self.index.serialize()
         segs = [s for s in sorted(self._segments) if s <= segno]
@@ -1208,7 +1277,13 @@ class Store:
             + [body]
         )
         data = _CKPT_HEAD.pack(fmt.CHECKPOINT_MAGIC, CHECKPOINT_VERSION, fmt.crc32c(rest)) + rest
-        name = f"checkpoint-{self.index.last_lsn:020d}.ckpt"
+        return f"checkpoint-{self.index.last_lsn:020d}.ckpt", data
+
+    def checkpoint(self) -> int:
+        """Write a node-local checkpoint of the applied index (atomically) and prune old ones.
+        Returns its LSN."""
+        self._check_thread()
+        name, data = self._checkpoint_data()
         try:
             self.fs.write_atomic(os.path.join(self._ckptdir, name), data)
         except OSError as e:  # the log is intact: the store stays open, the caller is told
@@ -1239,6 +1314,10 @@ class Store:
             raise StoreReadOnly(
                 f"store is {self.state.value}" + (f": {self.error}" if self.error else "")
             )
+
+    def _check_not_frozen(self) -> None:
+        if self.frozen_reason:
+            raise WritesFrozen(f"writes are frozen: {self.frozen_reason}")
 
     def _append_raw(
         self,
@@ -1286,6 +1365,7 @@ class Store:
 
     def _append(self, records: Sequence[fmt.Record], blobs: tuple[bytes, ...] = ()) -> int:
         self._check_writable()
+        self._check_not_frozen()
         payload = fmt.encode_records(records)
         if len(payload) > fmt.MAX_FRAME_PAYLOAD:
             raise InvalidArgument(
@@ -1446,6 +1526,7 @@ class Store:
         if lsn <= self.index.last_lsn:
             return
         self._check_writable()
+        self._check_not_frozen()
         fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self._waiters.append((lsn, fut))
         self._ensure_flusher()
@@ -1578,7 +1659,26 @@ class Store:
     def transaction(self) -> Transaction:
         """A new transaction: `with store.transaction() as t:` (sync) or `async with`."""
         self._check_writable()
+        self._check_not_frozen()
         return Transaction(self)
+
+    def freeze_writes(self, reason: str) -> None:
+        """Refuse local writes with :class:`WritesFrozen` until :meth:`thaw_writes` (replication
+        fencing: the peer was lost and the policy holds writes). New transactions, commits and
+        blob chunks are refused before anything is appended; commits already appended and held
+        by the durability barrier fail at once with `WritesFrozen` (not acknowledged) — their
+        frames stay pending in the log and become visible only if the barrier releases them
+        later (a client's retry may then duplicate, as after any lost reply). `ingest` and
+        `settle` are not affected. Idempotent."""
+        self.frozen_reason = reason or "frozen"
+        err = WritesFrozen(f"writes are frozen: {self.frozen_reason}")
+        for _, fut in self._waiters:
+            if not fut.done():
+                fut.set_exception(err)
+
+    def thaw_writes(self) -> None:
+        """Accept local writes again (the fencing policy allows it)."""
+        self.frozen_reason = ""
 
     @property
     def last_lsn(self) -> int:
@@ -2063,6 +2163,227 @@ class Store:
         self.fs.unlink(os.path.join(self._logdir, CUT_INTENT))
         self.fs.sync_dir(self._logdir)
         return dropped
+
+    # -- retention horizon and snapshots -------------------------------------------------------
+
+    def _live_segments(self) -> set[int]:
+        """Segments holding data the index still points at (referenced blobs, their MIME
+        metadata, chunks of streams not committed yet)."""
+        b = self.index.blobs
+        out: set[int] = set()
+        for slot in range(len(b)):
+            if b.refs[slot] == 0 or not b.has_data(slot):
+                continue
+            out.update(loc.segno for loc in b.location(slot))
+            if b.meta_len[slot]:
+                out.add(b.meta_seg[slot])
+        for parts in b.pending_chunks.values():
+            out.update(loc.segno for loc in parts.values())
+        return out
+
+    def drop_head(self, before_lsn: int) -> int:
+        """The retention horizon: remove whole sealed segments at the head of the log whose
+        frames all have LSN < min(`before_lsn`, `retain_from`) and that hold no live data (what
+        compaction left there is dead). A checkpoint covering them is written first, so open
+        never needs their frames. Returns how many segments were removed;
+        `first_retained_lsn` moves up. A peer that needs an older LSN gets a full sync
+        (`export_snapshot`). Refused while commits are pending. Crash-safe: segments are removed
+        lowest first, so the log stays contiguous."""
+        self._check_thread()
+        self._check_writable()
+        if self._pending:
+            raise StoreError("drop_head refused: commits are pending; settle first")
+        ck_lsn = self.checkpoint()
+        limit = min(before_lsn, self.retain_from, ck_lsn + 1)
+        live = self._live_segments()
+        segs = sorted(self._segments)
+        removed = 0
+        for i, segno in enumerate(segs[:-1]):  # never the active (last) segment
+            if self._segments[segs[i + 1]].first_lsn > limit or segno in live:
+                break
+            r = self._readers.pop(segno, None)
+            if r is not None:
+                r.close()
+            self.fs.unlink(segment_path(self._logdir, segno))
+            del self._segments[segno]
+            removed += 1
+        if removed:
+            self.fs.sync_dir(self._logdir)
+            log.info(
+                "retention horizon: %d segment(s) removed; the log now starts at LSN %d",
+                removed,
+                self.first_retained_lsn,
+            )
+        return removed
+
+    def export_snapshot(self) -> SnapshotExport:
+        """A consistent snapshot of the applied state for a full sync: a checkpoint of the
+        index at the visible LSN and the segment files up to the applied position (the last
+        one cut there), opened now — a later compaction renames new files over them, these
+        handles keep reading the old ones, which the checkpoint describes. Installed by
+        `install_snapshot`, the target then ingests frames from `lsn + 1`. The store keeps
+        serving meanwhile; `close()` the export when done."""
+        self._check_thread()
+        self._check_writable()
+        segno, off = self._applied_pos
+        name, data = self._checkpoint_data()
+        files: list[tuple[str, int, ReadableFile | None]] = []
+        try:
+            for s in sorted(self._segments):
+                if s > segno:
+                    break
+                f = self.fs.open_read(segment_path(self._logdir, s))
+                files.append((segment_name(s), off if s == segno else f.size(), f))
+        except BaseException:
+            for _, _, opened in files:
+                if opened is not None:
+                    opened.close()
+            raise
+        files.append((name, len(data), None))
+        return SnapshotExport(self.index.last_lsn, files, data)
+
+    def begin_snapshot_install(self) -> None:
+        """Start receiving a snapshot into `<data>/snapshot-incoming/` (emptied first: an
+        interrupted transfer is redone from the start)."""
+        self._check_thread()
+        self._check_writable()
+        self._close_staging()
+        staging = os.path.join(self.data_dir, SNAPSHOT_STAGING)
+        if self.fs.exists(staging):
+            for n in self.fs.listdir(staging):
+                self.fs.unlink(os.path.join(staging, n))
+        self._makedirs_durable(staging)
+        self._staging = {}
+
+    def write_snapshot_file(self, name: str, offset: int, data: bytes) -> None:
+        """Append `data` at `offset` (sequential) to the received snapshot file `name` (a
+        segment or checkpoint file name as `SnapshotExport.files` lists it)."""
+        self._check_thread()
+        if self._staging is None:
+            raise StoreError("no snapshot install in progress")
+        if not _snapshot_name_ok(name):
+            raise InvalidArgument(f"snapshot file name {name!r} is not a segment or checkpoint")
+        f = self._staging.get(name)
+        if f is None:
+            f = self.fs.open_append(os.path.join(self.data_dir, SNAPSHOT_STAGING, name))
+            self._staging[name] = f
+        if offset != f.size():
+            raise InvalidArgument(f"snapshot file {name}: offset {offset}, expected {f.size()}")
+        f.write(data)
+
+    def install_snapshot(self) -> RecoveryReport:
+        """Replace the whole log and checkpoints by the received snapshot, crash-safely, and
+        reload. The received files are checked (one checkpoint, contiguous segments, the
+        checkpoint's position inside them) and fsynced, then `<data>/INSTALL-INTENT`
+        (written atomically) lists them; then the old segments and checkpoints are removed,
+        the new ones renamed into place, the directories fsynced and the intent removed.
+        `Store.open` redoes an install whose intent it finds, so after a crash the store holds
+        the old log (no intent yet) or exactly the snapshot. Refused while commits are
+        pending. Returns the reload's recovery report (`last_lsn` is the snapshot's LSN)."""
+        self._check_thread()
+        self._check_writable()
+        if self._pending or self._staging is None:
+            raise StoreError("install_snapshot refused: commits pending or nothing received")
+        names = sorted(self._staging)
+        ckpts = [n for n in names if n.endswith(".ckpt")]
+        segnos = sorted(
+            int(n[len(SEGMENT_PREFIX) : -len(SEGMENT_SUFFIX)]) for n in names if n not in ckpts
+        )
+        if len(ckpts) != 1 or not segnos or segnos != list(range(segnos[0], segnos[-1] + 1)):
+            raise StoreError("the received snapshot is incomplete (checkpoint or segments)")
+        try:
+            for f in self._staging.values():
+                f.sync()
+            self.fs.sync_dir(os.path.join(self.data_dir, SNAPSHOT_STAGING))
+            ck = parse_checkpoint(
+                self._read_file(os.path.join(self.data_dir, SNAPSHOT_STAGING, ckpts[0]))
+            )
+        except (OSError, fmt.FormatError) as e:
+            raise StoreIOError(f"the received snapshot is unusable: {e}") from None
+        if ck.segno not in segnos:
+            raise StoreError("the received snapshot's checkpoint is outside its segments")
+        self._close_staging()
+        self._staging = None
+        self.fs.write_atomic(
+            os.path.join(self.data_dir, INSTALL_INTENT), "\n".join(names).encode() + b"\n"
+        )
+        self._close_files()
+        try:
+            self._apply_install(names)
+            self._reset_state()
+            self._recover()
+        except BaseException as e:  # the intent is redone by the next open
+            self._fail(e)
+            raise
+        assert self.recovery is not None
+        log.info("snapshot installed: the log now holds LSNs up to %d", self.index.last_lsn)
+        return self.recovery
+
+    def _close_staging(self) -> None:
+        for f in (self._staging or {}).values():
+            with contextlib.suppress(OSError):
+                f.close()
+
+    def _read_install_intent(self) -> list[str] | None:
+        path = os.path.join(self.data_dir, INSTALL_INTENT)
+        if not self.fs.exists(path):
+            return None
+        names = self._read_file(path).decode("utf-8", "replace").split()
+        if not names or not all(_snapshot_name_ok(n) for n in names):
+            raise CorruptLog(f"{path}: damaged install intent")
+        return names
+
+    def _apply_install(self, names: list[str]) -> None:
+        """Carry out a recorded install; idempotent (redone at open after a crash)."""
+        staging = os.path.join(self.data_dir, SNAPSHOT_STAGING)
+        keep = set(names)
+        for d in (self._logdir, self._ckptdir):
+            for n in self.fs.listdir(d):
+                if n not in keep:  # the old log and checkpoints (and any leftover)
+                    self.fs.unlink(os.path.join(d, n))
+            self.fs.sync_dir(d)
+        for n in names:
+            src = os.path.join(staging, n)
+            if self.fs.exists(src):
+                d = self._ckptdir if n.endswith(".ckpt") else self._logdir
+                self.fs.replace(src, os.path.join(d, n))
+        self.fs.sync_dir(self._logdir)
+        self.fs.sync_dir(self._ckptdir)
+        self.fs.sync_dir(staging)
+        self.fs.unlink(os.path.join(self.data_dir, INSTALL_INTENT))
+        self.fs.sync_dir(self.data_dir)
+
+    def _close_files(self) -> None:
+        for f in [*self._unsynced, *self._inflight]:
+            with contextlib.suppress(OSError):
+                f.close()
+        if self._active is not None:
+            with contextlib.suppress(OSError):
+                self._active.close()
+        for r in self._readers.values():
+            r.close()
+
+    def _reset_state(self) -> None:
+        """Forget the loaded log (before `_recover` reloads it); listeners, the barrier and the
+        executor stay."""
+        self.index = ix.Index()
+        self._segments = {}
+        self._readers = {}
+        self._active = None
+        self._active_segno = 0
+        self._next_lsn = 1
+        self._unsynced = []
+        self._inflight = []
+        self._durable_lsn = 0
+        self._applied_pos = (0, 0)
+        self._written_blobs = {}
+        self._alloc_uid = {}
+        self._alloc_modseq = {}
+        self._exclusive_lsn = 0
+        self._gen_history = []
+        self._last_txn_gen = 0
+        self._cache = _Cache(self.options.cache_bytes)
+        self._bytes_since_ckpt = 0
 
     # -- maintenance ---------------------------------------------------------------------------
 
