@@ -21,6 +21,7 @@ import socket
 import threading
 import time
 from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -36,7 +37,14 @@ USER = "u@example.org"
 class Pair:
     """Nodes A (primary at first start) and B (secondary), one SMTP and one POP3 port each."""
 
-    def __init__(self, tag: str, *, protocol: str = "C", secret_b: str | None = None) -> None:
+    def __init__(
+        self,
+        tag: str,
+        *,
+        protocol: str = "C",
+        secret_b: str | None = None,
+        replication: dict[str, Any] | None = None,
+    ) -> None:
         secret = secrets.token_hex(16)
         self.repl = {"a": free_port(), "b": free_port()}
         self.smtp = {"a": free_port(), "b": free_port()}
@@ -55,6 +63,7 @@ class Pair:
                     "ping_interval": "300ms",
                     "ping_timeout": "1s",
                     "ack_timeout": "3s",
+                    **(replication or {}),
                 },
             }
             self.nodes[me] = ServeNode(f"repl-{tag}-{me}", settings)
@@ -345,3 +354,42 @@ def test_forged_peer_is_refused(request: pytest.FixtureRequest) -> None:
         raise
     finally:
         p.cleanup()
+
+
+@pytest.mark.slow
+def test_split_brain_merge_keeps_the_mail_of_both_sides(pair: Pair) -> None:
+    common = [f"common-{i}@t.test" for i in range(3)]
+    for mid in common:
+        assert send(pair.smtp["a"], mid, 800)
+    wait_for(lambda: in_sync(pair.a, pair.b), 10, "in sync")
+    # Split brain by hand: cut the link, make B primary too, mail to both.
+    for n in (pair.a, pair.b):
+        r = n.try_cli("repl", "disconnect")
+        assert r.returncode == 0, r.stderr
+    r = pair.b.try_cli("repl", "primary", "--force")
+    assert r.returncode == 0, r.stderr
+    wait_for(lambda: not refuses(pair.smtp["b"]), 10, "SMTP on B")
+    on_a = [f"a-{i}@t.test" for i in range(4)]
+    on_b = [f"b-{i}@t.test" for i in range(3)]
+    for mid in on_a:
+        assert send(pair.smtp["a"], mid, 1500)
+    for i, mid in enumerate(on_b):
+        assert send(pair.smtp["b"], mid, 600 + 100_000 * (i == 2))  # one chunked body
+    # B gives way (no automatic failback): it ships its branch, A merges, B catches up.
+    assert pair.b.try_cli("repl", "secondary").returncode == 0
+    for n in (pair.a, pair.b):
+        assert n.try_cli("repl", "connect").returncode == 0
+    wait_for(lambda: status(pair.a).get("last_merge") is not None, 20, "the merge on A")
+    merged = status(pair.a)["last_merge"]
+    assert merged.get("unresolved") == 0 and merged.get("collisions") == 3, merged
+    wait_for(lambda: in_sync(pair.a, pair.b), 20, "B caught up after the merge")
+    ids = pop3_message_ids(pair.pop3["a"])
+    assert sorted(ids) == sorted(common + on_a + on_b)
+    assert "rule:split-brain-merge" in pair.a.log and "rule:split-brain-merge" in pair.b.log
+    audit = Path(merged["audit"]).read_text()
+    lines = [json.loads(x) for x in audit.splitlines()]
+    rules = [x["rule"] for x in lines]
+    assert rules[0] == "merge:start" and rules[-1] == "merge:done"
+    assert rules.count("merge:redeliver") == 3 and rules.count("merge:uid-collision") == 3
+    r = pair.a.try_cli("repl", "verify")
+    assert r.returncode == 0 and "0 mismatch" in r.stdout, r.stdout + r.stderr

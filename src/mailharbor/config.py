@@ -53,6 +53,7 @@ from typing import Any, Generic, TypeVar
 __all__ = [
     "AdminConfig",
     "AuthConfig",
+    "ClusterConfig",
     "Config",
     "ConfigError",
     "Derived",
@@ -1177,7 +1178,9 @@ class ReplicationConfig:
         Choice(("dont-care", "resource-only", "resource-and-stonith")),
         "When the primary loses its peer with writes in flight: dont-care (default) continues "
         "alone; resource-only holds writes until the peer is known Outdated (it reconnects); "
-        "resource-and-stonith freezes writes until the peer is fenced.",
+        "resource-and-stonith freezes writes until the peer is fenced. Frozen writes fail at "
+        "once (SMTP 451 4.3.0, IMAP NO [UNAVAILABLE], POP3 -ERR [SYS/TEMP]; nothing "
+        "acknowledged); `mailharbor repl resume-io` resumes them.",
         "dont-care",
     )
     tls: bool = setting(
@@ -1214,6 +1217,237 @@ class ReplicationConfig:
             )
 
 
+class LinkPair(Kind[tuple[str, str]]):
+    """A heartbeat link: ``["local host:port", "peer host:port"]`` (UDP)."""
+
+    def parse(self, raw: object, ctx: _Context) -> tuple[str, str]:
+        expected = 'a pair ["local host:port", "peer host:port"]'
+        if not isinstance(raw, list) or len(raw) != 2:
+            raise self.bad(expected, raw)
+        out = [HOSTPORT.parse(v, ctx) if isinstance(v, str) else "" for v in raw]
+        if not all(":" in v.rsplit("]", 1)[-1] for v in out):
+            raise self.bad(expected + " with ports", raw)
+        return out[0], out[1]
+
+
+@dataclass(frozen=True)
+class Fraction(Kind[float]):
+    """A number in [minimum, maximum)."""
+
+    minimum: float = 0.0
+    maximum: float = 1.0
+
+    def parse(self, raw: object, ctx: _Context) -> float:
+        if isinstance(raw, bool) or not isinstance(raw, int | float):
+            raise self.bad(f"a number in [{self.minimum}, {self.maximum})", raw)
+        if not self.minimum <= raw < self.maximum:
+            raise self.bad(f"a number in [{self.minimum}, {self.maximum})", raw)
+        return float(raw)
+
+
+class _OptionalGuid(Kind[bytes | None]):
+    """A 16-byte GUID as 32 hexadecimal digits, or ``""`` for none (loads as None)."""
+
+    def parse(self, raw: object, ctx: _Context) -> bytes | None:
+        if raw == "":
+            return None
+        return Guid().parse(raw, ctx)
+
+
+#: The ``[cluster]`` timing keys, in cluster.timing.Timing's order.
+CLUSTER_TIMING_KEYS = (
+    "keepalive",
+    "warntime",
+    "deadtime",
+    "initdead",
+    "lease",
+    "lease_margin",
+    "renew_interval",
+    "self_fence_timeout",
+    "witness_margin",
+    "fence_delay",
+    "fence_timeout",
+    "fence_retry",
+    "clock_drift",
+)
+
+
+def _timing_setting(doc: str, default: str) -> Any:
+    return setting(Duration(minimum=0, maximum=3600), doc, default)
+
+
+@dataclass(frozen=True, kw_only=True)
+class ClusterConfig:
+    """``[cluster]``: the built-in cluster manager (heartbeats, witness lease, fencing).
+
+    Enabled when ``links`` is not empty; it needs ``[replication]`` with a peer. With
+    ``witness`` (the default mode) a node writes only while it holds the witness's vote lease
+    or while its peer confirms every write; ``two_node = true`` (no witness) needs a STONITH
+    agent. The timings are checked together (cluster.timing.check_timing): a combination that
+    could let both nodes act at once is refused, naming the key. See docs/cluster.md.
+    """
+
+    links: tuple[tuple[str, str], ...] = setting(
+        ListOf(LinkPair()),
+        'Heartbeat links, each ["local host:port", "peer host:port"] (UDP); use two or more '
+        "(e.g. the LAN and the replication network). Empty: no cluster manager.",
+        [],
+    )
+    name: str = setting(
+        Pattern(r"[A-Za-z0-9][A-Za-z0-9._-]{0,62}", "a name of letters, digits, '.', '_', '-'"),
+        "Name of the pair (the same on both nodes and in the witness's [[pair]]).",
+        "mailharbor",
+    )
+    peer_node_id: bytes | None = setting(
+        _OptionalGuid(),
+        'The peer\'s node.node_id (32 hex digits); required with links. "": none.',
+        "",
+    )
+    peer_name: str = setting(
+        Pattern(f"(?:{_LABEL_RE})?", 'a DNS label, or ""'),
+        'The peer\'s node.name (status output, fence agents). "": "peer".',
+        "",
+    )
+    secret: str = setting(
+        Pattern(f"(?:{_SECRET_RE})?", '16 to 256 printable ASCII characters, or ""'),
+        "Shared secret of the pair for heartbeats and the witness (HMAC-SHA256). Empty: the "
+        "replication secret (secret or secret_file of [replication]).",
+        "",
+    )
+    secret_file: Path | None = setting(
+        SecretFile(),
+        'File holding the cluster secret (first line). Used when secret is empty. "": none.',
+        "",
+    )
+    witness: str = setting(
+        _EMPTY_OR_HOSTPORT,
+        'The witness daemon, "host:port" (UDP; `mailharbor witness`). Required unless '
+        "two_node is true.",
+        "",
+    )
+    two_node: bool = setting(
+        Bool(),
+        "Run without a witness: fencing by STONITH only (stonith must be set), the fence race "
+        "settled by fence_delay, and both nodes must have seen each other once at first start.",
+        False,
+    )
+    preferred: bytes | None = setting(
+        _OptionalGuid(),
+        'Node id favoured when both nodes are secondary and eligible at start. "": the '
+        "witness's last holder, else the lower node id.",
+        "",
+    )
+    self_fence: bool = setting(
+        Bool(),
+        "With a witness: a primary stops acknowledging at its lease's stop point and exits if "
+        "its graceful stop has not finished self_fence_timeout later, so the survivor may "
+        "promote once the witness re-grants the vote (Pacemaker's SBD idea).",
+        True,
+    )
+    stonith: str = setting(
+        Choice(("none", "command", "power-switch")),
+        "STONITH agent: none; command (fence_command, DRBD fence-peer exit codes); "
+        "power-switch (the test power switch at power_switch: tests and demos only).",
+        "none",
+    )
+    fence_command: str = setting(
+        Pattern(r"[^\0]*", "a shell command"),
+        "Shell command run to fence the peer (stonith = command); gets MH_FENCE_TARGET, "
+        "MH_FENCE_TARGET_ID, MH_CLUSTER, MH_FENCE_REASON and DRBD_PEER/DRBD_PEERS/DRBD_RESOURCE.",
+        "",
+    )
+    power_switch: str = setting(
+        _EMPTY_OR_HOSTPORT,
+        'Address of the test power switch, "host:port" (TCP; stonith = power-switch).',
+        "",
+    )
+    keepalive: float = _timing_setting(
+        "A heartbeat round goes out on every link this often.", "200ms"
+    )
+    warntime: float = _timing_setting("A link silent this long is late (logged).", "600ms")
+    deadtime: float = _timing_setting(
+        "A link silent this long is dead; the peer is dead when every link is.", "1500ms"
+    )
+    initdead: float = _timing_setting(
+        "At first start a never-heard link gets this long instead of deadtime.", "30s"
+    )
+    lease: float = _timing_setting(
+        "Witness vote lease, counted by the node from when it sent the request.", "2s"
+    )
+    lease_margin: float = _timing_setting(
+        "The holder stops acknowledging at sent + lease - lease_margin.", "400ms"
+    )
+    renew_interval: float = _timing_setting("The lease holder renews this often.", "500ms")
+    self_fence_timeout: float = _timing_setting(
+        "After its stop point the holder has this long to stop, else it exits.", "300ms"
+    )
+    witness_margin: float = _timing_setting(
+        "The witness re-grants the vote only lease + witness_margin after the holder's last "
+        "renewal arrived.",
+        "500ms",
+    )
+    fence_delay: float = _timing_setting(
+        "Two-node mode: the node not running the resources waits this long before shooting.",
+        "2s",
+    )
+    fence_timeout: float = _timing_setting(
+        "A fence agent still running after this is killed and counts as a timeout.", "10s"
+    )
+    fence_retry: float = _timing_setting("After a failed fence, retry after this long.", "2s")
+    clock_drift: float = setting(
+        Fraction(0.0, 0.1),
+        "Tolerated relative difference between two monotonic clocks' rates (below 0.1).",
+        0.01,
+    )
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self.links)
+
+    def timing_values(self) -> dict[str, float]:
+        return {k: getattr(self, k) for k in CLUSTER_TIMING_KEYS}
+
+    def check(self) -> None:
+        """Links need a peer id, a witness (or two_node with STONITH); timings are checked with
+        cluster.timing's relations (over both nodes: the settings hash makes them equal)."""
+        from mailharbor.cluster.timing import Timing, TimingError, require_timing
+
+        try:
+            require_timing(
+                Timing(**self.timing_values()),
+                [Timing(**self.timing_values())],
+                two_node=self.two_node,
+            )
+        except TimingError as e:
+            p = e.problems[0]
+            raise ConfigError(f"cluster.{p.setting}", p.message) from None
+        if not self.links:
+            return
+        if self.peer_node_id is None:
+            raise ConfigError("cluster.peer_node_id", "is required when cluster.links is set")
+        if self.two_node:
+            if self.witness:
+                raise ConfigError("cluster.witness", "must be empty when two_node is true")
+            if self.stonith == "none":
+                raise ConfigError(
+                    "cluster.stonith",
+                    "two_node mode needs a STONITH agent (command or power-switch)",
+                )
+        elif not self.witness or ":" not in self.witness.rsplit("]", 1)[-1]:
+            raise ConfigError(
+                "cluster.witness", 'is required ("host:port") unless two_node is true'
+            )
+        if self.stonith == "command" and not self.fence_command.strip():
+            raise ConfigError("cluster.fence_command", "is required when stonith = command")
+        if self.stonith == "power-switch" and ":" not in self.power_switch:
+            raise ConfigError("cluster.power_switch", 'is required ("host:port") with power-switch')
+        if not self.two_node and not self.self_fence and self.stonith == "none":
+            raise ConfigError(
+                "cluster.self_fence",
+                "with self_fence = false a STONITH agent is required (no way to fence the peer)",
+            )
+
+
 @dataclass(frozen=True, kw_only=True)
 class Config:
     """A whole, validated configuration.
@@ -1234,6 +1468,7 @@ class Config:
     imap: ImapConfig = section("The IMAP listeners.")
     pop3: Pop3Config = section("The POP3 listeners.")
     replication: ReplicationConfig = section("Replication of the store to the peer node.")
+    cluster: ClusterConfig = section("The cluster manager: heartbeats, witness lease, fencing.")
 
     @property
     def base_dir(self) -> Path:

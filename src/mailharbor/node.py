@@ -57,8 +57,10 @@ from enum import Enum
 from mailharbor import __version__
 from mailharbor.admin.protocol import Request, Response
 from mailharbor.admin.server import AdminContext, AdminServer, execute
+from mailharbor.cluster.timing import Timing
 from mailharbor.config import Config, ConfigError
 from mailharbor.repl.state import FencingPolicy, Protocol, Role, SplitBrainPolicy
+from mailharbor.server.cluster import ClusterManager, ClusterSettings, GatedBarrier
 from mailharbor.server.imap import ImapListener, ImapOptions, ImapServices
 from mailharbor.server.pop3 import Pop3Listener, Pop3Options, Pop3Services
 from mailharbor.server.repl import Replicator, ReplSettings, RoleHooks
@@ -129,6 +131,55 @@ def repl_settings(config: Config) -> ReplSettings:
         ping_interval=r.ping_interval,
         ping_timeout=r.ping_timeout,
         resync_rate=r.resync_rate,
+        # With the cluster manager the decision loop alone promotes (docs/cluster.md).
+        auto_promote=not config.cluster.enabled,
+    )
+
+
+def _secret_from_file(key: str, path: os.PathLike[str]) -> bytes:
+    try:
+        with open(path, encoding="utf-8") as f:
+            lines = f.read().splitlines()
+    except (OSError, UnicodeDecodeError) as e:
+        raise ConfigError(key, f"cannot read {os.fspath(path)}: {e}") from None
+    secret = lines[0].strip() if lines else ""
+    if not 16 <= len(secret) <= 256 or not secret.isprintable():
+        raise ConfigError(
+            key, f"{os.fspath(path)}: the first line must be 16 to 256 printable characters"
+        )
+    return secret.encode()
+
+
+def cluster_settings(config: Config, repl_secret: bytes) -> ClusterSettings:
+    """The cluster manager's settings from ``[cluster]`` (the secret defaults to the
+    replication secret). Raises ConfigError."""
+    c = config.cluster
+    if not config.replication.enabled:
+        raise ConfigError("cluster.links", "the cluster manager needs a [replication] peer")
+    assert c.peer_node_id is not None  # ClusterConfig.check
+    if c.peer_node_id == config.node.node_id:
+        raise ConfigError("cluster.peer_node_id", "is this node's own node.node_id")
+    if c.secret:
+        secret = c.secret.encode()
+    elif c.secret_file is not None:
+        secret = _secret_from_file("cluster.secret_file", c.secret_file)
+    else:
+        secret = repl_secret
+    return ClusterSettings(
+        name=c.name,
+        node_name=config.node.name,
+        node_id=config.node.node_id,
+        peer_name=c.peer_name or "peer",
+        peer_id=c.peer_node_id,
+        secret=secret,
+        links=c.links,
+        witness="" if c.two_node else c.witness,
+        timing=Timing(**c.timing_values()),
+        self_fence=c.self_fence,
+        stonith=c.stonith,
+        fence_command=c.fence_command,
+        power_switch=c.power_switch,
+        preferred=c.preferred,
     )
 
 
@@ -178,6 +229,7 @@ class Node:
         self.mailboxes: MailboxService | None = None
         self.authenticator: Authenticator | None = None
         self.repl: Replicator | None = None
+        self.cluster: ClusterManager | None = None
         self._stop: asyncio.Event | None = None
         self._stop_reason = ""
         self._started_monotonic = time.monotonic()
@@ -209,6 +261,7 @@ class Node:
             "store": store.stats() if store is not None else None,
             "recovery": recovery,
             "replication": self.repl.status() if self.repl is not None else None,
+            "cluster": self.cluster.status() if self.cluster is not None else None,
         }
 
     async def start(self) -> None:
@@ -220,17 +273,29 @@ class Node:
             self.store = open_store(self.config)
             ctx = AdminContext(store=self.store, node_name=self.name, status=self.status)
             if self.config.replication.enabled:
+                rs = repl_settings(self.config)
                 self.repl = Replicator(
-                    self.store,
-                    repl_settings(self.config),
-                    RoleHooks(self._start_services, self._stop_services),
+                    self.store, rs, RoleHooks(self._start_services, self._stop_services)
                 )
                 ctx.repl = self.repl
+                if self.config.cluster.enabled:
+                    self.cluster = ClusterManager(
+                        cluster_settings(self.config, rs.secret),
+                        self.repl,
+                        start_services=self._start_services,
+                        stop_services=self._stop_services,
+                    )
+                    ctx.cluster = self.cluster
             self.admin = AdminServer(self.config.admin.socket, ctx)
             await self.admin.start()
             if self.repl is not None:
-                # Starts the services if (and when) this node is primary.
+                # Starts the services if (and when) this node is primary (without a cluster
+                # manager; with one, its decision loop promotes).
                 await self.repl.start()
+                if self.cluster is not None and self.store.barrier is not None:
+                    # The ack gate: every acknowledged change crosses the barrier.
+                    self.store.barrier = GatedBarrier(self.store.barrier, self.cluster)
+                    await self.cluster.start()
             else:
                 await self._start_services()
         except BaseException:
@@ -260,7 +325,12 @@ class Node:
             await self._start_pop3(store)
             await self._start_imap(store)
             # Last resource: the outbound queue runner (started after fencing, in the cluster).
-            self.queue = QueueRunner(store, self.config.queue, hostname=self.config.node.hostname)
+            self.queue = QueueRunner(
+                store,
+                self.config.queue,
+                hostname=self.config.node.hostname,
+                lease_ok=self.cluster.can_ack if self.cluster is not None else None,
+            )
             self.queue.start()
         except BaseException:
             await self._stop_services()
@@ -280,6 +350,14 @@ class Node:
         await self._stop_listeners()
 
     async def _teardown(self) -> None:
+        if self.cluster is not None:
+            # Demote (gracefully) while heartbeats and renewals go on, release the vote,
+            # announce the shutdown to the peer.
+            cluster, self.cluster = self.cluster, None
+            try:
+                await cluster.stop()
+            except Exception:
+                log.exception("leaving the cluster failed")
         await self._stop_services()
         if self.repl is not None:
             repl, self.repl = self.repl, None

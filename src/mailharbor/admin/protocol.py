@@ -189,10 +189,54 @@ COMMANDS: Mapping[str, Command] = _table(
     Command("repl.disconnect", "drop the replication link and stay StandAlone", changes=True),
     Command("repl.verify", "compare the log with the peer's (digests)", slow=True),
     Command(
+        "repl.resume-io",
+        "the peer is fenced or Outdated: writes frozen by fencing continue alone",
+        changes=True,
+    ),
+    Command(
         "repl.invalidate",
         "quarantine this secondary's log and resync it from the peer",
         changes=True,
         slow=True,
+    ),
+    Command(
+        "repl.resolve-split-brain",
+        "one-shot split-brain resolution for the next reconnect, then connect",
+        (
+            Arg(
+                "discard_my_data",
+                ArgType.BOOL,
+                "this node's branch is cut (quarantine) and it catches up",
+                required=False,
+            ),
+            Arg(
+                "merge",
+                ArgType.BOOL,
+                "merge the branches (give it on both nodes)",
+                required=False,
+            ),
+        ),
+        changes=True,
+    ),
+    Command("cluster.status", "cluster: nodes, roles, quorum and lease, links, decisions"),
+    Command("cluster.switchover", "planned switchover: this primary demotes, the peer takes over"),
+    Command(
+        "cluster.standby",
+        "put this node in standby (a primary demotes if the peer can take over)",
+        (
+            Arg("node", ArgType.STR, "this node's name (for the peer's: run it there)"),
+            Arg("force", ArgType.BOOL, "demote even if the peer cannot take over", required=False),
+        ),
+    ),
+    Command(
+        "cluster.unstandby",
+        "clear standby on this node (no automatic failback)",
+        (Arg("node", ArgType.STR, "this node's name"),),
+    ),
+    Command(
+        "cluster.fence",
+        "fence the peer with the STONITH agent",
+        (Arg("node", ArgType.STR, "the peer's name"),),
     ),
 )
 

@@ -104,6 +104,7 @@ class AdminContext:
     hash_concurrency: int = DEFAULT_HASH_CONCURRENCY
     change_lock: asyncio.Lock = field(default_factory=asyncio.Lock)
     repl: ReplControl | None = None
+    cluster: ClusterControl | None = None
     _hash_slots: asyncio.Semaphore | None = field(default=None, repr=False)
 
     async def hash(self, password: str) -> str:
@@ -139,6 +140,43 @@ class ReplControl(Protocol):
     async def verify(self) -> dict[str, object]: ...
 
     async def invalidate(self) -> dict[str, object]: ...
+
+    def resume_io(self) -> dict[str, object]: ...
+
+    async def resolve_split_brain(
+        self, *, discard_my_data: bool = False, merge: bool = False
+    ) -> dict[str, object]: ...
+
+
+class ClusterControl(Protocol):
+    """The running node's cluster manager, as the ``cluster.*`` commands use it (a refusal
+    raises ``RoleError`` whose text is one line for the operator)."""
+
+    def status(self) -> dict[str, object]: ...
+
+    async def admin_command(self, kind: str, node: str, *, force: bool) -> dict[str, object]: ...
+
+
+def _cluster(ctx: AdminContext) -> ClusterControl:
+    if ctx.cluster is None:
+        raise InvalidArgument("the cluster manager is not running here (no [cluster] links)")
+    return ctx.cluster
+
+
+async def _cluster_status(ctx: AdminContext, args: Mapping[str, object]) -> object:
+    return _cluster(ctx).status()
+
+
+def _cluster_cmd(kind: str) -> Handler:
+    async def handler(ctx: AdminContext, args: Mapping[str, object]) -> object:
+        node = args.get("node", "")
+        return await _repl_call(
+            _cluster(ctx).admin_command(
+                kind, node if isinstance(node, str) else "", force=bool(args.get("force"))
+            )
+        )
+
+    return handler
 
 
 def _repl(ctx: AdminContext) -> ReplControl:
@@ -183,6 +221,18 @@ async def _repl_verify(ctx: AdminContext, args: Mapping[str, object]) -> object:
 
 async def _repl_invalidate(ctx: AdminContext, args: Mapping[str, object]) -> object:
     return await _repl_call(_repl(ctx).invalidate())
+
+
+async def _repl_resume_io(ctx: AdminContext, args: Mapping[str, object]) -> object:
+    return _repl(ctx).resume_io()
+
+
+async def _repl_resolve_split_brain(ctx: AdminContext, args: Mapping[str, object]) -> object:
+    return await _repl_call(
+        _repl(ctx).resolve_split_brain(
+            discard_my_data=args.get("discard_my_data") is True, merge=args.get("merge") is True
+        )
+    )
 
 
 def _str(args: Mapping[str, object], key: str) -> str:
@@ -392,6 +442,13 @@ HANDLERS: Mapping[str, Handler] = {
     "repl.disconnect": _repl_disconnect,
     "repl.verify": _repl_verify,
     "repl.invalidate": _repl_invalidate,
+    "repl.resume-io": _repl_resume_io,
+    "repl.resolve-split-brain": _repl_resolve_split_brain,
+    "cluster.status": _cluster_status,
+    "cluster.switchover": _cluster_cmd("switchover"),
+    "cluster.standby": _cluster_cmd("standby"),
+    "cluster.unstandby": _cluster_cmd("unstandby"),
+    "cluster.fence": _cluster_cmd("fence"),
 }
 if set(HANDLERS) != set(COMMANDS):  # pragma: no cover - a programming error
     raise RuntimeError(f"admin handlers and commands differ: {set(HANDLERS) ^ set(COMMANDS)}")

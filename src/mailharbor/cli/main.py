@@ -22,10 +22,12 @@ from mailharbor.cli import (
     EXIT_USAGE,
     CliError,
     admin_cmds,
+    cluster_cmds,
     init_cmd,
     queue_cmds,
     repl_cmds,
     serve_cmd,
+    witness_cmd,
 )
 from mailharbor.config import ConfigError
 from mailharbor.store.ops import StoreError
@@ -59,6 +61,8 @@ COMMAND_MODULES: tuple[CommandModule, ...] = (
     admin_cmds,
     queue_cmds,
     repl_cmds,
+    cluster_cmds,
+    witness_cmd,
 )
 
 

@@ -1,4 +1,5 @@
-"""``mailharbor repl status|primary|secondary|connect|disconnect|verify|invalidate``.
+"""``mailharbor repl status|primary|secondary|connect|disconnect|verify|invalidate|resume-io|
+resolve-split-brain``.
 
 Contract
 --------
@@ -11,6 +12,13 @@ Contract
   (gracefully) and demotes it. ``connect``/``disconnect`` bring the link up / keep it down
   (StandAlone). ``verify`` compares the log with the peer's, range by range (exit 1 on a
   mismatch). ``invalidate`` moves a secondary's log to quarantine and resyncs it from the peer.
+  ``resume-io`` (after a peer loss under fencing ``resource-only``/``resource-and-stonith``):
+  the operator states the peer is fenced or Outdated; frozen writes continue without it.
+- ``resolve-split-brain --discard-my-data | --merge`` (after a split brain left the link
+  StandAlone, e.g. under ``split_brain = "disconnect"``): a one-shot resolution for the next
+  reconnect decision, then connect. ``--discard-my-data`` on the secondary whose branch is to
+  be dropped (cut into quarantine, then it catches up); ``--merge`` on both nodes (the winner,
+  the primary, replays the loser's branch; docs/replication.md, "Merge rules").
 - Errors: one ``mailharbor: error: ...`` line on stderr, exit 1.
 """
 
@@ -131,6 +139,32 @@ def _invalidate(args: argparse.Namespace) -> int:
     return 0
 
 
+@_guard
+def _resume_io(args: argparse.Namespace) -> int:
+    r = _dict(perform(load_cli_config(args), "repl.resume-io"))
+    if r.get("resumed"):
+        print(f"writes resume without the peer (were held until {_v(r, 'was_held_until')})")
+    else:
+        print("no writes were frozen")
+    return 0
+
+
+@_guard
+def _resolve_split_brain(args: argparse.Namespace) -> int:
+    r = _dict(
+        perform(
+            load_cli_config(args),
+            "repl.resolve-split-brain",
+            {"discard_my_data": bool(args.discard_my_data), "merge": bool(args.merge)},
+        )
+    )
+    if r.get("discard_my_data"):
+        print("at the next reconnect this node's split-brain branch is discarded; connecting")
+    else:
+        print("at the next reconnect a split brain is merged; connecting")
+    return 0
+
+
 def register(subparsers: Subparsers) -> None:
     """Add ``repl`` and its actions."""
     rp = subparsers.add_parser("repl", help="replication: status, role changes, link, verify")
@@ -147,3 +181,26 @@ def register(subparsers: Subparsers) -> None:
     _leaf(sub, "disconnect", _disconnect, "drop the link and stay StandAlone")
     _leaf(sub, "verify", _verify, "compare the log with the peer's", json=True)
     _leaf(sub, "invalidate", _invalidate, "discard this secondary's log and resync it")
+    p = _leaf(
+        sub,
+        "resolve-split-brain",
+        _resolve_split_brain,
+        "resolve a split brain at the next reconnect, then connect",
+    )
+    how = p.add_mutually_exclusive_group(required=True)
+    how.add_argument(
+        "--discard-my-data",
+        action="store_true",
+        help="this node (a secondary) cuts its branch into quarantine and catches up",
+    )
+    how.add_argument(
+        "--merge",
+        action="store_true",
+        help="merge the two branches (give it on both nodes)",
+    )
+    _leaf(
+        sub,
+        "resume-io",
+        _resume_io,
+        "the peer is fenced/Outdated (you checked): frozen writes continue alone",
+    )

@@ -23,6 +23,11 @@ Theory of operation
   generation, then starts the node's services (listeners, queue runner) through the hooks the
   node gave; demotion stops them first (gracefully), settles the store, closes the mirrored
   range, then flips the role.
+* **Frozen writes fail fast.** While fencing holds writes (``resource-only`` until the peer is
+  Outdated, ``resource-and-stonith`` until it is fenced: :meth:`Replicator.peer_fenced` or
+  ``repl resume-io``), ``store.freeze_writes`` refuses new local writes and fails the held
+  commits with ``WritesFrozen`` (SMTP ``451 4.3.0``, IMAP ``NO [UNAVAILABLE]``, POP3 ``-ERR
+  [SYS/TEMP]``; nothing acknowledged); ``thaw_writes`` comes before the barrier resumes.
 * **Replication metadata** (the history with mirrored ranges, the disk state, the role) is
   saved with ``store.save_repl_meta`` — in particular ``mirrored_until`` *before* any write is
   released locally after the peer is lost (docs/replication.md), and a new generation is begun
@@ -63,6 +68,7 @@ from mailharbor.repl.generations import (
     Generation,
     HistoryError,
     NodeView,
+    Outcome,
     extend_history,
     truncate_history,
 )
@@ -104,7 +110,8 @@ from mailharbor.repl.state import (
     Protocol as ReplProtocol,
 )
 from mailharbor.server.smtp import split_endpoint
-from mailharbor.store import DurabilityBarrier, StoreError, StoreState
+from mailharbor.service.merge import BranchSpool, MergeError, merge_branch
+from mailharbor.store import DurabilityBarrier, Store, StoreError, StoreState
 
 __all__ = [
     "AsyncBarrier",
@@ -169,6 +176,10 @@ class ReplStore(Protocol):
 
     def begin_generation(self, gen: int) -> None: ...
 
+    def freeze_writes(self, reason: str) -> None: ...
+
+    def thaw_writes(self) -> None: ...
+
     def generation_history(self) -> list[tuple[int, int, bytes]]: ...
 
     retain_from: int
@@ -191,6 +202,9 @@ class ReplSettings:
     ping_interval: float = 2.0
     ping_timeout: float = 4.0
     resync_rate: int = 0
+    #: False when the cluster manager decides the role: ``role = primary`` then only makes the
+    #: first start UpToDate (the first node of a pair); the node starts secondary.
+    auto_promote: bool = True
 
 
 @dataclass(frozen=True, slots=True)
@@ -264,6 +278,8 @@ class _Link:
     sync_bytes: int = 0
     closed: bool = False
     processing: bool = False
+    timer_at: float | None = None  # the deadline the timer loop sleeps until (None: awake)
+    ingest_task: asyncio.Task[None] | None = None  # not cancelled with the link (see _link_gone)
 
 
 class Replicator:
@@ -311,6 +327,15 @@ class Replicator:
         self._verify_results: list[tuple[int, int, bool | None]] = []
         self._role_lock = asyncio.Lock()
         self._hash = settings_hash(settings)
+        # split-brain merge (the winner's side) and the operator's one-shot resolutions
+        self._merge_spool: tuple[_Link, BranchSpool] | None = None
+        self._merge_ready: list[tuple[str, bytes]] = []  # complete spools not merged yet
+        self._merge_task: asyncio.Task[None] | None = None
+        self.last_merge: dict[str, object] | None = None
+        self._discard_my_data = False
+        self._policy_override: SplitBrainPolicy | None = None
+        self._appended: list[bytes] = []  # frames appended this loop iteration, not shipped
+        self._draining: set[asyncio.Task[None]] = set()  # ingest tasks of dropped links
 
     # -- lifetime ------------------------------------------------------------------------------
 
@@ -333,7 +358,7 @@ class Replicator:
         self._save_meta()
         loop = asyncio.get_running_loop()
         self._connect_task = loop.create_task(self._connect_loop())
-        if start_role is Role.PRIMARY:
+        if start_role is Role.PRIMARY and self.settings.auto_promote:
             if self._first_start:
                 await self.promote(force=False, reason="replication.role = primary, first start")
             else:
@@ -341,6 +366,7 @@ class Replicator:
 
     async def stop(self) -> None:
         """Close the link and the listener (the node stopped its services before)."""
+        await self._drain_peer()
         self._stopping = True
         if self._auto_task is not None:
             self._auto_task.cancel()
@@ -351,6 +377,10 @@ class Replicator:
             self._gen_task.cancel()
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await self._gen_task
+        if self._merge_task is not None:  # a merge cut short is reported (not resumed)
+            self._merge_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await self._merge_task
         if self._connect_task is not None:
             self._connect_task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -365,6 +395,7 @@ class Replicator:
             self._close_link(link, "shutdown")
         for link in list(self._links):
             await self._finish_link(link)
+        await self._ingest_drained()
         if self.roles.role is Role.PRIMARY:
             self._end_mirroring("shutdown")
             if self.core.pending:
@@ -373,6 +404,24 @@ class Replicator:
             self._save_meta()
         if self._verify is not None and not self._verify.done():
             self._verify.set_exception(RoleError("the node is stopping"))
+
+    async def _drain_peer(self) -> None:
+        """A clean stop of a primary: first wait (at most ``ack_timeout``) until the peer has
+        fsynced everything this node wrote. Protocols A and B acknowledge before that; without
+        the wait, a promoted secondary could lack mail acknowledged just before the stop."""
+        self._ship_appended()
+        link = self._active
+        if self.roles.role is not Role.PRIMARY or link is None:
+            return
+        target = self.store.last_lsn
+        deadline = self.clock() + self.settings.ack_timeout
+        while (
+            link is self._active
+            and link.session.phase is Phase.ESTABLISHED
+            and link.session.peer_durable < target
+            and self.clock() < deadline
+        ):
+            await asyncio.sleep(0.005)
 
     # -- metadata ------------------------------------------------------------------------------
 
@@ -490,6 +539,7 @@ class Replicator:
             history=hist,
             last_lsn=last,
             first_retained_lsn=max(1, self.store.first_retained_lsn),
+            discard_my_data=self._discard_my_data,
         )
 
     def _max_generation(self) -> int:
@@ -504,7 +554,7 @@ class Replicator:
             secret=s.secret,
             settings_hash=self._hash,
             protocol=s.protocol,
-            split_brain=s.split_brain,
+            split_brain=self._policy_override or s.split_brain,
             term=max([0, *(g.number for g in self.history)]),
             ack_timeout=s.ack_timeout,
             ping_interval=s.ping_interval,
@@ -521,6 +571,7 @@ class Replicator:
         if self._stopping or self.standalone or pending >= MAX_PENDING_LINKS:
             writer.close()
             return
+        await self._ingest_drained()
         link = self._new_link(reader, writer, initiator=False, addr=addr)
         await link.done.wait()
 
@@ -546,6 +597,7 @@ class Replicator:
                     )
                 backoff = min(BACKOFF_MAX, backoff * 2)
                 continue
+            await self._ingest_drained()
             link = self._new_link(reader, writer, initiator=True, addr=self.settings.peer)
             self._outbound = link
             try:
@@ -571,16 +623,17 @@ class Replicator:
         initiator: bool,
         addr: str,
     ) -> _Link:
+        self._ship_appended()  # the new session's view includes them
         session = ReplSession(
             self._session_config(), self.view(), self.clock, nonce=os.urandom(wire.NONCE_SIZE)
         )
         link = _Link(session, reader, writer, initiator, addr)
         self._links.append(link)
         loop = asyncio.get_running_loop()
+        link.ingest_task = loop.create_task(self._ingest_loop(link))
         link.tasks = [
             loop.create_task(self._read_loop(link)),
             loop.create_task(self._timer_loop(link)),
-            loop.create_task(self._ingest_loop(link)),
         ]
         session.start()
         self._process(link)
@@ -613,8 +666,12 @@ class Replicator:
             delay = deadline - self.clock()
             if delay > 0:
                 link.wake.clear()
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(link.wake.wait(), delay)
+                link.timer_at = deadline
+                try:
+                    with contextlib.suppress(TimeoutError):
+                        await asyncio.wait_for(link.wake.wait(), delay)
+                finally:
+                    link.timer_at = None
                 continue
             s.tick()
             self._process(link)
@@ -622,9 +679,13 @@ class Replicator:
                 await asyncio.sleep(0.01)  # nothing moved: do not spin
 
     async def _ingest_loop(self, link: _Link) -> None:
+        """Write the peer's frames in order. After the link is lost it still writes what was
+        received (protocol B acknowledged it on receipt), then ends."""
         s = link.session
-        while s.phase is not Phase.CLOSED:
+        while True:
             if not link.ingest_q:
+                if s.phase is Phase.CLOSED or link.closed:
+                    return
                 link.ingest_wake.clear()
                 await link.ingest_wake.wait()
                 continue
@@ -677,10 +738,19 @@ class Replicator:
         for t in link.tasks:
             if t is not current:
                 t.cancel()
+        if link.ingest_task is not None and not link.ingest_task.done():
+            self._draining.add(link.ingest_task)  # ends once the received frames are written
         if link in self._links:
             self._links.remove(link)
         link.done.set()
         self._connect_wake.set()
+
+    async def _ingest_drained(self) -> None:
+        """Wait until dropped links wrote the frames they received: before a new link starts
+        from the log's end, a promotion, an invalidation, the store's close."""
+        while self._draining:
+            task = self._draining.pop()
+            await asyncio.wait({task})
 
     async def _finish_link(self, link: _Link) -> None:
         for t in link.tasks:
@@ -690,13 +760,24 @@ class Replicator:
     # -- the frame listener --------------------------------------------------------------------
 
     def _on_frame(self, lsn: int, frame: bytes) -> None:
-        if self.roles.role is not Role.PRIMARY:
-            return  # ingested frames on a secondary
+        """Collect the frames the store appends during one event loop iteration and ship them
+        at its end as one FRAMES message (group commit appends several per iteration under
+        load: one MAC, one send and one wake-up of the peer for all of them)."""
+        if self.roles.role is not Role.PRIMARY or not self._links:
+            return  # ingested frames on a secondary; no link (a new one starts after them)
+        self._appended.append(frame)
+        if len(self._appended) == 1:
+            asyncio.get_running_loop().call_soon(self._ship_appended)
+
+    def _ship_appended(self) -> None:
+        frames, self._appended = self._appended, []
+        if not frames:
+            return
         for link in list(self._links):
             if link.session.phase is Phase.CLOSED:
                 continue
             try:
-                link.session.frames_appended([frame])
+                link.session.frames_appended(frames)
             except SessionUsageError as e:
                 log.error("replication: link out of step with the log (%s): reconnecting", e)
                 self._close_link(link, "out-of-step")
@@ -723,7 +804,11 @@ class Replicator:
                     link.session.close("adapter-error")
         finally:
             link.processing = False
-        link.wake.set()
+        # Wake the timer loop only when the session's deadline moved earlier than the one it
+        # sleeps until (or the link closed): waking it on every event costs a task per frame.
+        at = link.timer_at
+        if at is None or (d := link.session.next_deadline()) is None or d < at:
+            link.wake.set()
 
     def _handle(self, link: _Link, ev: object) -> None:
         s = link.session
@@ -755,8 +840,10 @@ class Replicator:
                 link.sync_start_lsn = ev.first_lsn - 1
             link.ingest_q.append(ev)
             link.ingest_wake.set()
-        elif isinstance(ev, BranchFrames | BranchComplete):
-            pass  # merge is refused at the decision (see _on_decision)
+        elif isinstance(ev, BranchFrames):
+            self._on_branch_frames(link, ev)
+        elif isinstance(ev, BranchComplete):
+            self._on_branch_complete(link, ev)
         elif isinstance(ev, Acked):
             self.barrier.dispatch(self.core.peer_confirmed(ev.lsn))
             # Compaction keeps what the peer may still need (docs/store.md).
@@ -845,6 +932,9 @@ class Replicator:
     def _on_decision(self, link: _Link, ev: Decision) -> None:
         o = ev.outcome
         self.last_rule = o.rule
+        if not (o.split_brain and o.action is Action.DISCONNECT):
+            self._discard_my_data = False  # one-shot (resolve-split-brain)
+            self._policy_override = None
         because = " <- ".join(reversed(o.because))
         if o.action is Action.DISCONNECT or o.full_sync:
             why = "split brain detected" if o.split_brain else "reconnect refused"
@@ -864,23 +954,7 @@ class Replicator:
             self._go_standalone(o.rule)
             return
         if o.branch is not Branch.NONE:
-            log.error(
-                "replication: split brain detected: %s (%s); divergence LSN %d, local tail %d "
-                "(acknowledged: %s), peer tail %d (acknowledged: %s). The merge replay is not "
-                "implemented yet: disconnecting (StandAlone). Resolve by hand: on the node whose "
-                "changes are to be dropped run `repl secondary` and `repl invalidate`, then "
-                "`repl connect` on both.",
-                o.rule,
-                because,
-                o.divergence_lsn,
-                o.local_tail,
-                o.local_tail_acked,
-                o.peer_tail,
-                o.peer_tail_acked,
-            )
-            self._go_standalone(o.rule)
-            link.session.close("merge-not-implemented")
-            return
+            self._on_merge_decision(link, o, because)
         log.info(
             "replication: reconnect decision %s (%s): %s, divergence LSN %d, local tail %d, "
             "peer tail %d%s",
@@ -903,6 +977,140 @@ class Replicator:
             if hist != self.history:
                 self.history = hist
                 self._save_meta()
+
+    # -- split-brain merge --------------------------------------------------------------------
+
+    def _on_merge_decision(self, link: _Link, o: Outcome, because: str) -> None:
+        """``rule:split-brain-merge``: the loser ships its branch (the session does it), the
+        winner spools it (bounded memory) and replays it once complete."""
+        if o.branch is Branch.RECEIVE:
+            plan = "the peer ships its branch here, to be replayed as new operations"
+        else:
+            plan = "this node ships its branch to the peer, then cuts it and catches up"
+        log.error(
+            "replication: split brain detected: %s (%s); divergence LSN %d, local tail %d "
+            "(acknowledged: %s), peer tail %d (acknowledged: %s). Merging: %s",
+            o.rule,
+            because,
+            o.divergence_lsn,
+            o.local_tail,
+            o.local_tail_acked,
+            o.peer_tail,
+            o.peer_tail_acked,
+            plan,
+        )
+        if o.branch is not Branch.RECEIVE:
+            return
+        if self._merge_spool is not None:
+            self._merge_spool[1].discard()
+        peer = (link.peer_id or b"").hex() or "peer"
+        name = f"merge-{peer[:16]}-after-{o.divergence_lsn}-{time.strftime('%Y%m%dT%H%M%S')}"
+        path = os.path.join(self.store.data_dir, "repl", name + ".spool")
+        try:
+            os.makedirs(os.path.dirname(path), exist_ok=True)
+            self._merge_spool = (link, BranchSpool(path))
+        except OSError as e:
+            log.error("replication: cannot spool the peer's branch (%s): disconnecting", e)
+            self._merge_spool = None
+            self._go_standalone("merge-spool-failed")
+            link.session.close("merge-spool-failed")
+
+    def _on_branch_frames(self, link: _Link, ev: BranchFrames) -> None:
+        sp = self._merge_spool
+        if sp is None or sp[0] is not link:
+            link.session.close("unexpected-branch")
+            return
+        try:
+            sp[1].add(ev.frames)
+        except (MergeError, OSError) as e:
+            log.error("replication: spooling the peer's branch failed (%s): disconnecting", e)
+            sp[1].discard()
+            self._merge_spool = None
+            self._go_standalone("merge-spool-failed")
+            link.session.close("merge-spool-failed")
+
+    def _on_branch_complete(self, link: _Link, ev: BranchComplete) -> None:
+        sp = self._merge_spool
+        self._merge_spool = None
+        if sp is None or sp[0] is not link:
+            return
+        try:
+            sp[1].finish()
+        except OSError as e:
+            log.error("replication: the spooled branch could not be made durable: %s", e)
+        log.warning(
+            "replication: the peer's branch is here (LSNs %d-%d, %d frame(s), %d bytes, %s)",
+            sp[1].first_lsn,
+            ev.last_lsn,
+            sp[1].frames,
+            sp[1].bytes,
+            sp[1].path,
+        )
+        self._merge_ready.append((sp[1].path, link.peer_id or b""))
+        self._maybe_start_merge()
+
+    def _maybe_start_merge(self) -> None:
+        """Replay the complete spooled branches — on the primary only (one writer); a
+        secondary winner merges when it is promoted."""
+        if not self._merge_ready or self.roles.role is not Role.PRIMARY:
+            if self._merge_ready:
+                log.warning("replication: the merge runs when this node is promoted")
+            return
+        if self._merge_task is not None and not self._merge_task.done():
+            return
+        self._merge_task = asyncio.get_running_loop().create_task(self._merge_loop())
+
+    async def _merge_loop(self) -> None:
+        while self._merge_ready and self.roles.role is Role.PRIMARY and not self._stopping:
+            path, peer = self._merge_ready.pop(0)
+            await self.run_merge(path, peer)
+
+    async def run_merge(self, path: str, peer: bytes = b"") -> dict[str, object]:
+        """Replay a spooled branch on this node's store (the primary); the spool is removed
+        once merged, kept (and named in the log) if the merge failed."""
+        store = self.store
+        if not isinstance(store, Store):
+            raise RoleError("merge needs the node's store")
+        try:
+            rep = await merge_branch(store, path, loser=peer)
+        except (MergeError, StoreError, OSError) as e:
+            log.error("replication: the merge of %s failed: %s (the spool is kept)", path, e)
+            self.last_merge = {"spool": path, "error": str(e)}
+            return self.last_merge
+        with contextlib.suppress(OSError):
+            os.unlink(path)
+        self.last_merge = {
+            "merge": rep.merge_id,
+            "divergence_lsn": rep.divergence_lsn,
+            "branch": [rep.branch_first_lsn, rep.branch_last_lsn],
+            "redelivered": rep.redelivered,
+            "collisions": rep.collisions,
+            "changes": rep.changes,
+            "unresolved": rep.unresolved,
+            "audit": rep.audit_path,
+        }
+        return self.last_merge
+
+    async def resolve_split_brain(
+        self, *, discard_my_data: bool = False, merge: bool = False
+    ) -> dict[str, object]:
+        """``repl resolve-split-brain``: a one-shot resolution for the next reconnect
+        decision, then connect. ``--discard-my-data`` (this node's branch is cut into
+        quarantine and it catches up; it must be secondary); ``--merge`` (the split-brain
+        policy is ``merge`` for the next decision: give it on both nodes)."""
+        if discard_my_data == merge:
+            raise RoleError("give exactly one of --discard-my-data and --merge")
+        if discard_my_data:
+            if self.is_primary():
+                raise RoleError("--discard-my-data is for a secondary: run `repl secondary` first")
+            self._discard_my_data = True
+        else:
+            self._policy_override = SplitBrainPolicy.MERGE
+        for link in list(self._links):
+            self._close_link(link, "resolve-split-brain")  # reconnect with the new view
+        out = self.connect()
+        out.update({"discard_my_data": discard_my_data, "merge": merge})
+        return out
 
     def _go_standalone(self, reason: str) -> None:
         self.standalone = True
@@ -998,6 +1206,7 @@ class Replicator:
         else:
             self._hold = loss.resume_when
             self.frozen_since = self.clock()
+            self._freeze_writes(loss.resume_when)
             log.error(
                 "replication: peer lost with fencing %s: %d write(s) held until the %s",
                 self.settings.fencing.value,
@@ -1035,9 +1244,20 @@ class Replicator:
             log.info("replication: generation %d begins at LSN %d", gen, self.store.last_lsn + 1)
             return gen
 
+    def _freeze_writes(self, resume_when: str) -> None:
+        """Writes held by fencing fail fast instead of waiting for client timeouts: the store
+        refuses new local writes (``WritesFrozen`` → SMTP ``451 4.3.0``, IMAP ``NO
+        [UNAVAILABLE]``, POP3 ``-ERR [SYS/TEMP]``) and fails the commits held in the barrier
+        (not acknowledged; their frames stay held until the barrier resumes)."""
+        until = "the peer is Outdated" if resume_when == "peer-outdated" else "the peer is fenced"
+        self.store.freeze_writes(
+            f"replication peer lost (fencing {self.settings.fencing.value}), held until {until}"
+        )
+
     def _resume_writes(self) -> None:
         self._hold = ""
         self.frozen_since = None
+        self.store.thaw_writes()
         self.barrier.dispatch(self.core.resume_local())
 
     def peer_fenced(self) -> None:
@@ -1045,6 +1265,16 @@ class Replicator:
         if self._hold:
             log.info("replication: peer fenced: writes resume")
             self._resume_writes()
+
+    def resume_io(self) -> dict[str, object]:
+        """``repl resume-io`` (drbdadm's word): the operator states the peer is fenced or
+        Outdated; frozen writes resume alone (after ``mirrored_until`` was persisted, which
+        happened when the freeze began)."""
+        was = self._hold
+        if was:
+            log.warning("replication: resume-io by the operator: writes continue without the peer")
+            self._resume_writes()
+        return {"resumed": bool(was), "was_held_until": was}
 
     async def _auto_promote(self) -> None:
         """``replication.role = primary`` on a restart: first look for the peer (for up to a
@@ -1105,6 +1335,7 @@ class Replicator:
     async def _do_promote(self, change: RoleChange, reason: str) -> None:
         if change.warning:
             log.warning("replication: %s", change.warning)
+        await self._ingest_drained()
         if self._gen_task is not None and not self._gen_task.done():
             with contextlib.suppress(Exception):
                 await self._gen_task
@@ -1122,6 +1353,7 @@ class Replicator:
         )
         self._announce()
         await self.hooks.start_services()
+        self._maybe_start_merge()
 
     async def demote(self) -> dict[str, object]:
         """Stop the services (gracefully), settle the store, become secondary."""
@@ -1154,11 +1386,14 @@ class Replicator:
                 )
             self._save_meta()
         self._hold = ""
+        self.frozen_since = None
+        self.store.thaw_writes()
         self.barrier.dispatch(self.core.resume_local())
 
     def _announce(self) -> None:
         """Tell the peer about a role/history change: a STATE update on an established link;
         any other link is dropped and reconnects with the new view."""
+        self._ship_appended()
         view = self.view()
         for link in list(self._links):
             s = link.session
@@ -1220,6 +1455,7 @@ class Replicator:
                 raise RoleError("invalidate is for a secondary: run `repl secondary` first")
             for link in list(self._links):
                 self._close_link(link, "invalidate")
+            await self._ingest_drained()
             await self.store.settle()
             qdir = os.path.join(self.store.data_dir, "quarantine")
             os.makedirs(qdir, exist_ok=True)
@@ -1286,6 +1522,7 @@ class Replicator:
             "last_decision": self.last_rule,
             "last_link_lost": self.last_link_lost,
             "standalone_reason": self.standalone_reason,
+            "last_merge": self.last_merge,
         }
         if s is not None:
             if self.is_primary():
