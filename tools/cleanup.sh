@@ -15,7 +15,8 @@
 # cleaned, so a concurrent `make test` is never disturbed; `--all` cleans every
 # run, live or not. In order: processes are killed (TERM, then KILL), mounts are
 # unmounted lazily (FUSE ones with fusermount), loop devices detached, network
-# namespaces deleted, and /tmp/mh-test-* directories removed (without crossing
+# namespaces deleted, the acceptance rig's blackhole routes (proto 213, metric = run PID)
+# deleted, and /tmp/mh-test-* directories removed (without crossing
 # into file systems that are still mounted). Steps that need root are skipped
 # with a note when not root.
 set -uo pipefail
@@ -139,6 +140,19 @@ if ((is_root)) && command -v ip >/dev/null; then
         stale "${BASH_REMATCH[1]}" || continue
         act ip netns delete "$ns" || echo "cleanup: could not delete netns $ns" >&2
     done < <(ip netns list 2>/dev/null)
+fi
+
+# 4b. blackhole routes of the acceptance rig (tests/acceptance/rig.py) in the root namespace:
+# `blackhole 10.213.0.0/16 proto 213 metric <run PID>`. Removed after the namespaces, never before.
+if ((is_root)) && command -v ip >/dev/null; then
+    while read -r line; do
+        [[ "$line" =~ ^blackhole\ ([0-9./]+)\ .*metric\ ([0-9]+) ]] || continue
+        dst=${BASH_REMATCH[1]}
+        run=${BASH_REMATCH[2]}
+        stale "$run" || continue
+        act ip route del blackhole "$dst" proto 213 metric "$run" ||
+            echo "cleanup: could not delete route blackhole $dst metric $run" >&2
+    done < <(ip route show proto 213 2>/dev/null)
 fi
 
 # 5. directories
