@@ -196,6 +196,12 @@ def test_paused_primary_on_resume_stops_acking_and_demotes() -> None:
     # fresh heartbeats then show the new primary with a newer term
     p2 = peer(me(healthy_primary(), lease_held=False), role=Role.PRIMARY, term=6)
     check(p2, Action.DEMOTE, "both-primary")
+    # ...while the new primary, which holds the lease, never yields to the resumed one,
+    # whatever term the resumed one's last heartbeats advertise (found by the SIGSTOP
+    # acceptance test: an equal term made the lease holder stand down)
+    for term in (5, 6, 99):
+        holder = peer(me(healthy_primary(), lease_held=True), role=Role.PRIMARY, term=term)
+        assert decide(holder).action is not Action.DEMOTE, term
 
 
 # --- switchover, standby -----------------------------------------------------------------------

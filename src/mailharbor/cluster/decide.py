@@ -407,6 +407,9 @@ def _primary(s: ClusterSnapshot) -> Decision:
     if (
         p.state is PeerState.ALIVE
         and p.role is Role.PRIMARY
+        # With a witness the lease decides: its holder never yields (the other side has no
+        # lease and demotes by "lease-lost"), whatever term a resumed old primary advertises.
+        and not (_witness_mode(s) and me.lease_held)
         and (me.term < p.term or (me.term == p.term and me.node_id > p.node_id))
     ):
         return _d(Action.DEMOTE, "both-primary", f"my term {me.term}, peer's {p.term}")

@@ -477,6 +477,9 @@ class LeaseClient:
     timing: Timing
     incarnation: int
     term: int = 0
+    #: The term of the last lease granted to this node (what it advertises as primary); `term`
+    #: also follows QUERY answers about the other node's lease.
+    granted_term: int = 0
     stop_at: float = float("-inf")
     #: Last witness answer fields, for the cluster view.
     owner: bytes | None = None
@@ -573,6 +576,7 @@ class LeaseClient:
                 self.term, self.stop_at = r.term, stop
             else:
                 self.stop_at = max(self.stop_at, stop)
+            self.granted_term = r.term
             return LeaseEvent.GRANTED, r
         if kind is Kind.RELEASE:
             return LeaseEvent.RELEASED, r
