@@ -77,6 +77,8 @@ bench: venv bench-deps
 	$(BIN)/python bench/store.py --quick
 	$(BIN)/python bench/smtp.py --quick
 	$(BIN)/python bench/imap.py --quick
+	$(BIN)/python bench/repl.py --quick
+	$(BIN)/python bench/failover.py --quick
 
 bench-deps:
 	@tools/bench-deps.sh

@@ -429,3 +429,150 @@ def test_merge_property(prefix: list[Op], w_ops: list[Op], l_ops: list[Op]) -> N
         finally:
             w.close()
             lo.close()
+
+
+# --- GUIDs kept, and a merge resumed after the winner stopped ---------------------------------
+
+
+def guids(s: Store, g: bytes) -> dict[str, bytes]:
+    """Message-ID -> message GUID (the POP3 UIDL) of one mailbox."""
+    mb = s.index.mailboxes[g]
+    return {
+        message_id(s.read_blob(s.index.blobs.hash_at(mb.blobs[i]))): mb.msg_guid(i)
+        for i in range(len(mb))
+    }
+
+
+def small_scenario(w: Store, lo: Store) -> int:
+    """A split brain with structural changes, UID collisions, several delivery batches, flag
+    changes on the common prefix and a queue entry. Returns the divergence LSN."""
+    with w.transaction() as t:
+        t.add_domain("example.org")
+    with w.transaction() as t:
+        alice = t.add_account("alice@example.org", PWHASH)
+        t.add_account("bob@example.org", PWHASH)
+    inbox = box(w, "alice@example.org", "INBOX")
+    for i in range(3):
+        deliver(w, inbox, f"p{i}")
+    d = diverge(w, lo)
+    for i in range(3):
+        deliver(w, inbox, f"w{i}")
+    with w.transaction() as t:
+        t.delete_account("bob@example.org")
+    for i in range(7):
+        deliver(lo, inbox, f"l{i}", flags=ix.SEEN if i % 2 else 0)
+    with lo.transaction() as t:
+        t.store_flags(inbox, [1, 2], add=ix.FLAGGED)
+    with lo.transaction() as t:
+        t.expunge(inbox, [3])
+    with lo.transaction() as t:
+        new = t.create_mailbox(alice, "NewL")
+    deliver(lo, new, "n1")
+    deliver(lo, new, "n2")
+    deliver(lo, box(lo, "bob@example.org", "INBOX"), "b1")
+    with lo.transaction() as t:
+        t.queue_add(t.put_blob(body("q1")), "a@example.org", ["x@remote.test"])
+    return d
+
+
+def end_state(s: Store) -> dict[str, object]:
+    out: dict[str, object] = {}
+    for mb in s.index.mailboxes.values():
+        acct = s.index.accounts[mb.account]
+        st = mailbox_state(s, mb.guid)  # asserts every Message-ID is there once
+        out[f"{acct.address}/{mb.name}"] = {k: (v.flags, v.keywords) for k, v in st.items()}
+    out["queue"] = sorted(
+        (message_id(s.read_blob(q.blob)), tuple(q.recipients)) for q in s.index.queue.values()
+    )
+    return out
+
+
+def spool_of(lo: Store, d: int, path: str) -> str:
+    sp = BranchSpool(path)
+    sp.add(list(lo.read_frames(d + 1)))
+    sp.finish()
+    return path
+
+
+def test_merge_keeps_message_guids_so_uidl_is_stable(
+    stores: tuple[Store, Store], tmp_path: Path
+) -> None:
+    w, lo = stores
+    d = small_scenario(w, lo)
+    inbox = box(w, "alice@example.org", "INBOX")
+    before_l = guids(lo, inbox)
+    before_w = guids(w, inbox)
+    rep = merge(w, lo, d, str(tmp_path / "s"))
+    assert rep.collisions == 3 and rep.unresolved == 0
+    after = guids(w, inbox)
+    for mid, g in {**before_w, **before_l}.items():
+        if mid in after:
+            assert after[mid] == g, mid  # collided winner messages and loser messages alike
+    assert {m for m in before_l if m.startswith("l")} <= set(after)
+    lo_new = box(lo, "alice@example.org", "NewL")
+    assert guids(w, box(w, "alice@example.org", "NewL")) == guids(lo, lo_new)
+
+
+class _Crash(Exception):
+    pass
+
+
+def _pair(tmp_path: Path, name: str) -> tuple[Store, Store]:
+    (tmp_path / name / "w").mkdir(parents=True)
+    (tmp_path / name / "l").mkdir(parents=True)
+    w = Store.open(str(tmp_path / name / "w"), node_id=W_NODE, options=OPTS)
+    lo = Store.open(str(tmp_path / name / "l"), node_id=L_NODE, options=OPTS)
+    return w, lo
+
+
+@pytest.mark.parametrize("stage", ["committed", "journaled"])
+def test_merge_resumes_after_the_winner_stops_mid_merge(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, stage: str
+) -> None:
+    import mailharbor.service.merge as merge_mod
+
+    monkeypatch.setattr(merge_mod, "BATCH_MESSAGES", 2)  # several delivery transactions
+    w, lo = _pair(tmp_path, "ref")
+    d = small_scenario(w, lo)
+    merge(w, lo, d, str(tmp_path / "ref.spool"))
+    want = end_state(w)
+    w.close()
+    lo.close()
+
+    units = 0
+    stops = 0
+    for k in range(1, 40):  # stop at the k-th merge transaction, each in turn
+        w, lo = _pair(tmp_path, f"k{k}")
+        d = small_scenario(w, lo)
+        spool = spool_of(lo, d, str(tmp_path / f"k{k}.spool"))
+        seen = 0
+
+        def fault(where: str, k: int = k) -> None:
+            nonlocal seen
+            if where == stage:
+                seen += 1
+                if seen == k:
+                    raise _Crash
+
+        try:
+            asyncio.run(merge_branch(w, spool, loser=L_NODE, fault=fault))
+        except _Crash:
+            stops += 1
+        else:
+            units = seen
+            w.close()
+            lo.close()
+            break
+        data = w.data_dir
+        w.close()  # the winner stops; its store reopens from disk
+        w = Store.open(data, node_id=W_NODE, options=OPTS)
+        rep = asyncio.run(merge_branch(w, spool, loser=L_NODE))
+        assert rep.resumed
+        assert end_state(w) == want, f"stopped after transaction {k}"
+        again = asyncio.run(merge_branch(w, spool, loser=L_NODE))
+        assert again.already_merged and end_state(w) == want
+        rules = [x["rule"] for x in audit_lines(w)]
+        assert "merge:resume" in rules
+        w.close()
+        lo.close()
+    assert stops >= 8 and units == stops

@@ -36,6 +36,7 @@ import abc
 import dataclasses
 import difflib
 import functools
+import ipaddress
 import json
 import math
 import os
@@ -1159,6 +1160,13 @@ class ReplicationConfig:
         'Limit of the catch-up resync, bytes per second ("10MiB"); 0: no limit.',
         0,
     )
+    retain_bytes: int = setting(
+        Size(minimum=0),
+        "Retention horizon of a primary: keep at least this much of the newest log segments and "
+        "drop older ones the connected peer acknowledged (a peer away meanwhile gets a full "
+        'sync from a snapshot when it returns); "0": never drop the head of the log.',
+        0,
+    )
     split_brain: str = setting(
         Choice(
             (
@@ -1361,6 +1369,29 @@ class ClusterConfig:
         'Address of the test power switch, "host:port" (TCP; stonith = power-switch).',
         "",
     )
+    proxy: tuple[tuple[str, str], ...] = setting(
+        ListOf(LinkPair()),
+        'Proxy mode: each ["local host:port", "peer host:port"] pairs one of this node\'s mail '
+        "listener endpoints (smtp, imap, pop3) with the peer's endpoint for the same service. "
+        "While this node is standby it listens on the local endpoints and forwards each "
+        "connection to the primary's with a PROXY v2 header naming the client (the peer must "
+        "list proxy_source in its trusted_proxies). Empty: the standby listens on nothing.",
+        [],
+    )
+    proxy_source: str = setting(
+        Pattern(r"(?:[0-9A-Fa-f:.]+)?", 'an IP address, or ""'),
+        "Local address of forwarded connections, the one the peer trusts in smtp/imap/pop3 "
+        "trusted_proxies (on one host, e.g. 127.0.0.2, so direct loopback clients are not "
+        'taken for the proxy). "": the kernel\'s choice.',
+        "",
+    )
+    proxy_hold: float = setting(
+        Duration(minimum=0.0, maximum=60.0),
+        "Proxy mode: while no primary is known (a takeover), a new connection is held this "
+        "long waiting for one, then refused (421 / * BYE / -ERR); forwarded sessions are "
+        "closed once no primary has been known for this long.",
+        "3s",
+    )
     keepalive: float = _timing_setting(
         "A heartbeat round goes out on every link this often.", "200ms"
     )
@@ -1421,7 +1452,14 @@ class ClusterConfig:
         except TimingError as e:
             p = e.problems[0]
             raise ConfigError(f"cluster.{p.setting}", p.message) from None
+        if self.proxy_source:
+            try:
+                ipaddress.ip_address(self.proxy_source)
+            except ValueError:
+                raise ConfigError("cluster.proxy_source", "is not an IP address") from None
         if not self.links:
+            if self.proxy:
+                raise ConfigError("cluster.proxy", "proxy mode needs the cluster (cluster.links)")
             return
         if self.peer_node_id is None:
             raise ConfigError("cluster.peer_node_id", "is required when cluster.links is set")

@@ -26,6 +26,13 @@ secondary``) — DESIGN.md's resource order (replication role → store → list
 runner). A secondary serves no client and refuses changing admin commands. Without a peer the
 node is standalone and starts its services at once, as before.
 
+Proxy mode (``cluster.proxy``): while a cluster node does not serve, a
+:class:`~mailharbor.server.forward.Forwarder` listens on the configured mail endpoints and
+forwards each connection to the primary with a PROXY v2 header. It starts before the cluster
+manager (a node starts secondary), is stopped at the top of ``_start_services`` (before the
+listeners bind the same ports) and started again at the end of ``_stop_services`` (after they
+closed), and stopped at teardown.
+
 :meth:`Node.run` starts the node, waits for SIGTERM/SIGINT or :meth:`Node.request_stop`,
 then stops it: the admin socket is closed (running commands finish first), every commit in
 flight is settled, and the store is closed (final checkpoint, lock released).
@@ -61,6 +68,7 @@ from mailharbor.cluster.timing import Timing
 from mailharbor.config import Config, ConfigError
 from mailharbor.repl.state import FencingPolicy, Protocol, Role, SplitBrainPolicy
 from mailharbor.server.cluster import ClusterManager, ClusterSettings, GatedBarrier
+from mailharbor.server.forward import Forwarder, ForwardOptions, Route, RouteKind
 from mailharbor.server.imap import ImapListener, ImapOptions, ImapServices
 from mailharbor.server.pop3 import Pop3Listener, Pop3Options, Pop3Services
 from mailharbor.server.repl import Replicator, ReplSettings, RoleHooks
@@ -131,6 +139,7 @@ def repl_settings(config: Config) -> ReplSettings:
         ping_interval=r.ping_interval,
         ping_timeout=r.ping_timeout,
         resync_rate=r.resync_rate,
+        retain_bytes=r.retain_bytes,
         # With the cluster manager the decision loop alone promotes (docs/cluster.md).
         auto_promote=not config.cluster.enabled,
     )
@@ -183,6 +192,29 @@ def cluster_settings(config: Config, repl_secret: bytes) -> ClusterSettings:
     )
 
 
+def proxy_routes(config: Config) -> list[Route]:
+    """The forwarder's routes from ``cluster.proxy``: each local endpoint must be one of this
+    node's mail listener endpoints, which gives the protocol. Raises ConfigError."""
+    kinds: dict[str, RouteKind] = {}
+    s, i, p = config.smtp, config.imap, config.pop3
+    for eps, kind in (
+        (s.mx + s.submission + s.lmtp, RouteKind.SMTP),
+        (s.submissions + i.listen_tls + p.listen_tls, RouteKind.TLS),
+        (i.listen, RouteKind.IMAP),
+        (p.listen, RouteKind.POP3),
+    ):
+        for ep in eps:
+            kinds.setdefault(ep, kind)
+    routes = []
+    for local, peer in config.cluster.proxy:
+        if local not in kinds:
+            raise ConfigError(
+                "cluster.proxy", f"{local} is not an smtp, imap or pop3 endpoint of this node"
+            )
+        routes.append(Route(local, peer, kinds[local]))
+    return routes
+
+
 def open_store(config: Config) -> Store:
     """Open the store of ``config`` (lock + recovery) and log the recovery report.
 
@@ -230,6 +262,8 @@ class Node:
         self.authenticator: Authenticator | None = None
         self.repl: Replicator | None = None
         self.cluster: ClusterManager | None = None
+        self.forwarder: Forwarder | None = None
+        self._routes: list[Route] = []
         self._stop: asyncio.Event | None = None
         self._stop_reason = ""
         self._started_monotonic = time.monotonic()
@@ -262,6 +296,7 @@ class Node:
             "recovery": recovery,
             "replication": self.repl.status() if self.repl is not None else None,
             "cluster": self.cluster.status() if self.cluster is not None else None,
+            "proxy": self.forwarder.status() if self.forwarder is not None else None,
         }
 
     async def start(self) -> None:
@@ -295,6 +330,10 @@ class Node:
                 if self.cluster is not None and self.store.barrier is not None:
                     # The ack gate: every acknowledged change crosses the barrier.
                     self.store.barrier = GatedBarrier(self.store.barrier, self.cluster)
+                    # Proxy mode: a node starts secondary, so its mail ports forward to the
+                    # primary until the decision loop promotes it.
+                    self._routes = proxy_routes(self.config)
+                    await self._start_forwarder(at_start=True)
                     await self.cluster.start()
             else:
                 await self._start_services()
@@ -320,6 +359,7 @@ class Node:
         store = self.store
         if store is None:
             raise RuntimeError("the store is not open")
+        await self._stop_forwarder()  # frees the mail ports for the listeners
         try:
             await self._start_listeners(store)
             await self._start_pop3(store)
@@ -348,6 +388,37 @@ class Node:
         await self._stop_imap()
         await self._stop_pop3()
         await self._stop_listeners()
+        if self.cluster is not None and self.state in (NodeState.STARTING, NodeState.RUNNING):
+            await self._start_forwarder()  # a demoted node forwards to the new primary
+
+    async def _start_forwarder(self, *, at_start: bool = False) -> None:
+        """Proxy mode: forward the mail ports to the primary (on a node not serving). A failure
+        at start propagates; later it is logged (the demotion goes on)."""
+        if not self._routes or self.forwarder is not None or self.cluster is None:
+            return
+        c = self.config.cluster
+        forwarder = Forwarder(
+            self._routes,
+            self.cluster.peer_serving,
+            hostname=self.config.node.hostname,
+            options=ForwardOptions(hold=c.proxy_hold, source=c.proxy_source),
+        )
+        try:
+            await forwarder.start()
+        except OSError as e:
+            if at_start:
+                raise
+            log.error("proxy mode: cannot listen: %s", e)
+            return
+        self.forwarder = forwarder
+
+    async def _stop_forwarder(self) -> None:
+        if self.forwarder is not None:
+            forwarder, self.forwarder = self.forwarder, None
+            try:
+                await forwarder.stop()
+            except Exception:
+                log.exception("stopping the forwarder failed")
 
     async def _teardown(self) -> None:
         if self.cluster is not None:
@@ -358,6 +429,7 @@ class Node:
                 await cluster.stop()
             except Exception:
                 log.exception("leaving the cluster failed")
+        await self._stop_forwarder()
         await self._stop_services()
         if self.repl is not None:
             repl, self.repl = self.repl, None

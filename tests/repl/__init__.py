@@ -72,6 +72,7 @@ class FakeNode:
     clock: FakeClock
     auto_durable: bool = True
     answer_frames: bool = True
+    auto_merge: bool = True  # answer BranchComplete with merge_done at once
     session: S.ReplSession = field(init=False)
     seen: list[S.Event] = field(default_factory=list)
     branch: list[bytes] = field(default_factory=list)
@@ -175,6 +176,9 @@ class Link:
                 n.make_durable()
         elif isinstance(ev, S.BranchFrames):
             n.branch.extend(ev.frames)
+        elif isinstance(ev, S.BranchComplete):
+            if n.auto_merge:
+                s.merge_done(ev.last_lsn)
         elif isinstance(ev, S.CutTail):
             n.quarantine = n.log[ev.after_lsn :]
             del n.log[ev.after_lsn :]

@@ -145,6 +145,31 @@ def test_pipelined_batches_keep_lsn_order() -> None:
     assert link.b.log == link.a.log and link.a.session.peer_durable == 25
 
 
+def test_two_outdated_secondaries_with_identical_logs_become_up_to_date() -> None:
+    # a clean stop of the whole cluster: the primary demoted first, both restart Outdated
+    hist = (gen(1, 1, A),)
+    va = view(A, hist, 12, SEC, DiskState.OUTDATED)
+    vb = view(B, hist, 12, SEC, DiskState.OUTDATED)
+    link = pair(va, log_of(12), vb, log_of(12))
+    link.start()
+    assert link.a.session.disk is DiskState.UP_TO_DATE
+    assert link.b.session.disk is DiskState.UP_TO_DATE
+    assert [e.disk for e in link.b.of(S.DiskChanged)] == [DiskState.UP_TO_DATE]
+
+
+def test_outdated_secondary_behind_another_outdated_one_stays_outdated() -> None:
+    # different logs: the one behind syncs first and only the one ahead may be promoted
+    hist = (gen(1, 1, A),)
+    link = pair(
+        view(A, hist, 12, SEC, DiskState.OUTDATED),
+        log_of(12),
+        view(B, hist, 10, SEC, DiskState.OUTDATED),
+        log_of(10),
+    )
+    link.start()
+    assert link.a.session.disk is DiskState.OUTDATED
+
+
 def test_fresh_secondary_full_catch_up_then_live() -> None:
     va = view(A, (gen(1, 1, A),), 0, P)
     link = pair(va, [], view(B, (), 0, SEC, DiskState.INCONSISTENT), [])

@@ -43,12 +43,18 @@ SAMPLES: list[W.Message] = [
     W.ResyncRequest(5, 10),
     W.SyncDone(99),
     W.BranchEnd(12),
+    W.MergeDone(80, b"d" * 32),
     W.VerifyRequest(1, 1000),
     W.VerifyDigest(1, 1000, b"d" * 32),
     W.VerifyDigest(1, 1000, b""),
     W.Ping(3),
     W.Pong(3),
     W.Refuse(W.RefuseReason.SETTINGS, "cluster settings differ"),
+    W.SnapshotRequest(12),
+    W.SnapshotData("segment-00000003.log", 4096, b"seg bytes"),
+    W.SnapshotData("checkpoint-00000000000000000090.ckpt", 0, b""),
+    W.SnapshotEnd(90, 2, 4105, b"s" * 32),
+    W.SnapshotAck(4105),
 ]
 
 

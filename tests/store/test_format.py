@@ -64,6 +64,7 @@ RECORD_STRATEGIES: dict[fmt.RecordType, st.SearchStrategy[fmt.Record]] = {
     fmt.RecordType.MIME_META: st.builds(fmt.MimeMeta, hash32, u8, data),
     fmt.RecordType.HOLE: st.builds(fmt.Hole, u64, text),
     fmt.RecordType.RECLAIMED: st.builds(fmt.Reclaimed, u8, st.binary(max_size=64), u64),
+    fmt.RecordType.RESERVE: st.builds(fmt.Reserve, guid, u32, u64),
 }
 
 records = st.one_of(*RECORD_STRATEGIES.values())
@@ -144,6 +145,8 @@ def test_record_examples_round_trip_exactly() -> None:
         fmt.QueueDone(b"q" * 16, "r@x", fmt.QueueResult.DEFERRED, -1, "4.2.0 later"),
         fmt.AccountPut(b"a" * 16, "a@b", "x" * 0xFFFF, 0, 0xFFFFFFFF),
         fmt.Reclaimed(fmt.RecordType.BLOB, b"h" * 44, 123),
+        fmt.Reserve(b"m" * 16, 0xFFFFFFFF, 2**64 - 1),
+        fmt.Reserve(b"m" * 16, 0, 0),
     ]
     for rec in recs:
         assert fmt.decode_record(rec.TYPE, rec.encode()) == rec

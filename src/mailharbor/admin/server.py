@@ -208,7 +208,10 @@ async def _repl_secondary(ctx: AdminContext, args: Mapping[str, object]) -> obje
 
 
 async def _repl_connect(ctx: AdminContext, args: Mapping[str, object]) -> object:
-    return _repl(ctx).connect()
+    try:
+        return _repl(ctx).connect()
+    except RoleError as e:  # e.g. a Diskless node
+        raise InvalidArgument(str(e)) from None
 
 
 async def _repl_disconnect(ctx: AdminContext, args: Mapping[str, object]) -> object:

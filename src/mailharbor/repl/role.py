@@ -12,7 +12,8 @@ demotion: queue runner → listeners → settle the store → role) and calls :m
 
 Rules (promotion):
 
-* a node already primary stays so (no-op); a Diskless node is never promoted;
+* a node already primary stays so (no-op); a Diskless node is never promoted, nor one that is
+  receiving a full sync's snapshot (``snapshot_pending``: not even with ``--force``);
 * never while the peer is connected and primary (that is split brain in the making): demote the
   peer first — ``--force`` does not override this;
 * an ``UpToDate`` node is promoted without ``--force``;
@@ -50,6 +51,8 @@ class RoleFacts:
     peer_role: Role | None = None
     peer_disk: DiskState | None = None
     peer_last_lsn: int | None = None
+    #: A full sync's snapshot is being received (not installed yet): never promoted.
+    snapshot_pending: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -80,6 +83,11 @@ class RoleController:
             return None
         if facts.disk is DiskState.DISKLESS:
             raise RoleError("this node has no usable store (Diskless): it cannot be promoted")
+        if facts.snapshot_pending:
+            raise RoleError(
+                "a full sync is receiving a snapshot into this node (Inconsistent): it cannot "
+                "be promoted until the snapshot is installed (--force does not override this)"
+            )
         if facts.peer_connected and facts.peer_role is Role.PRIMARY:
             raise RoleError(
                 "the peer is connected and primary: run `repl secondary` on it first "

@@ -7,7 +7,7 @@ to :meth:`ReplSession.receive_data`, drains :meth:`ReplSession.next_event` and a
 event (send bytes, ingest frames, release the barrier, cut a tail, ...), calls
 :meth:`ReplSession.tick` at :meth:`ReplSession.next_deadline`, and reports its own progress with
 the local inputs (:meth:`frames_appended`, :meth:`send_frames`, :meth:`frames_durable`,
-:meth:`tail_cut`, :meth:`provide_digest`, :meth:`start_verify`, :meth:`close`).
+:meth:`tail_cut`, :meth:`merge_done`, :meth:`provide_digest`, :meth:`start_verify`, :meth:`close`).
 
 Phases of a link (every allowed transition is a row of ``TRANSITIONS``)::
 
@@ -15,9 +15,11 @@ Phases of a link (every allowed transition is a row of ``TRANSITIONS``)::
       decision ─┬→ SYNC_SOURCE ─(caught up)→ ESTABLISHED
                 ├→ SYNC_TARGET ─SYNC_DONE, durable→ ESTABLISHED
                 ├→ CUT ─tail_cut→ SYNC_TARGET | ESTABLISHED
-                ├→ BRANCH_SEND ─branch sent→ CUT
-                ├→ BRANCH_RECV ─BRANCH_END→ SYNC_SOURCE
-                └→ CLOSED (disconnect, full sync needed)
+                ├→ BRANCH_SEND ─branch sent→ MERGE_WAIT ─MERGE_DONE→ CUT
+                ├→ BRANCH_RECV ─BRANCH_END→ MERGING ─merge_done()→ SYNC_SOURCE
+                ├→ SNAPSHOT_TARGET ─SNAPSHOT_END, snapshot_installed→ SYNC_TARGET
+                └→ CLOSED (disconnect)
+      SYNC_SOURCE ─SNAPSHOT_REQUEST→ SNAPSHOT_SOURCE ─all sent→ SYNC_SOURCE
     ESTABLISHED ─peer became primary→ SYNC_TARGET; ─RESYNC_REQUEST→ SYNC_SOURCE
     any phase ─error, REFUSE, EOF, timeout, close()→ CLOSED
 
@@ -36,6 +38,25 @@ goes live: every appended frame is sent as it is appended (pipelined, before the
 The receiver emits :class:`IngestFrames`; it acks on receipt (protocol B) and on durability
 (:meth:`frames_durable`; all protocols, C's barrier waits for it). The sender emits
 :class:`Acked` with the LSN the barrier may release (B: received, C: durable).
+
+Full sync: when the decision says the source no longer holds ``d + 1``
+(``rule:behind-retention-horizon``), or the receiver was invalidated (``SessionConfig.full_sync``),
+the receiver becomes Inconsistent, emits :class:`SnapshotBegin` and sends SNAPSHOT_REQUEST
+instead of RESYNC_REQUEST. The source emits :class:`NeedSnapshot` (the adapter takes
+``store.export_snapshot()`` and calls :meth:`snapshot_ready`), then reads the files through
+:class:`NeedSnapshotData` / :meth:`send_snapshot_data` and sends SNAPSHOT_DATA (file name,
+offset, bytes) under the same window (``resync_window_bytes`` unacknowledged), chunk and rate
+limits as a resync; the target emits :class:`SnapshotChunk` per message and acks what the
+adapter wrote (:meth:`snapshot_written` → SNAPSHOT_ACK). SNAPSHOT_END carries the snapshot's
+LSN, file count, size and a digest of everything sent (:class:`.wire.SnapshotDigest`); the
+target checks them (else REFUSE(SNAPSHOT)), emits :class:`SnapshotInstall`, and after
+:meth:`snapshot_installed` catches up with an ordinary RESYNC_REQUEST from the snapshot's
+LSN + 1. It stays Inconsistent until that catch-up is done; an interrupted transfer is simply
+redone by the next link (the adapter's ``begin_snapshot_install`` empties what was received).
+
+Disk errors: :meth:`disk_failed` (DRBD's ``on-io-error=detach``) makes this node Diskless, sends
+the peer a STATE update saying so, then drops the link with REFUSE(INGEST); the peer reports
+:class:`PeerDiskChanged` (Diskless) and ``LinkLost("peer-diskless")``.
 
 Invariants:
 
@@ -58,6 +79,7 @@ Invariants:
 from __future__ import annotations
 
 import enum
+import hashlib
 import hmac
 import itertools
 import secrets
@@ -105,6 +127,8 @@ class SessionConfig:
     resync_rate: int | None = None
     resync_poll: float = 0.05
     live_buffer_bytes: int = 32 * 1024 * 1024
+    #: This node wants a full sync whenever it receives the log (``repl invalidate``).
+    full_sync: bool = False
 
 
 class SessionUsageError(Exception):
@@ -175,6 +199,9 @@ class BranchFrames:
 
 @dataclass(frozen=True, slots=True)
 class BranchComplete:
+    """The peer's whole branch is here: merge it, and once every merge transaction is durable
+    call ``merge_done(last_lsn)`` (the peer cuts its branch only then)."""
+
     last_lsn: int
 
 
@@ -232,6 +259,56 @@ class VerifyDone:
 
 
 @dataclass(frozen=True, slots=True)
+class SnapshotBegin:
+    """Full sync, target: start receiving a snapshot (``store.begin_snapshot_install``)."""
+
+    last_lsn: int
+
+
+@dataclass(frozen=True, slots=True)
+class SnapshotChunk:
+    """Full sync, target: write ``data`` at ``offset`` of file ``name``, then
+    ``snapshot_written(total)`` (``total``: the snapshot bytes received with this one)."""
+
+    name: str
+    offset: int
+    data: bytes
+    total: int
+
+
+@dataclass(frozen=True, slots=True)
+class SnapshotInstall:
+    """Full sync, target: every byte arrived and verified: ``store.install_snapshot()``, then
+    ``snapshot_installed(lsn)``."""
+
+    lsn: int
+
+
+@dataclass(frozen=True, slots=True)
+class NeedSnapshot:
+    """Full sync, source: take a snapshot (``store.export_snapshot()``) and pass its LSN and
+    files to ``snapshot_ready``."""
+
+
+@dataclass(frozen=True, slots=True)
+class NeedSnapshotData:
+    """Full sync, source: read exactly ``size`` bytes at ``offset`` of file ``index``
+    (``name``) and pass them to ``send_snapshot_data``."""
+
+    index: int
+    name: str
+    offset: int
+    size: int
+
+
+@dataclass(frozen=True, slots=True)
+class SnapshotSent:
+    """Full sync, source: SNAPSHOT_END went out; the export may be closed."""
+
+    lsn: int
+
+
+@dataclass(frozen=True, slots=True)
 class ProtocolViolation:
     reason: RefuseReason
     detail: str
@@ -267,6 +344,12 @@ Event = (
     | NeedDigest
     | VerifyResult
     | VerifyDone
+    | SnapshotBegin
+    | SnapshotChunk
+    | SnapshotInstall
+    | NeedSnapshot
+    | NeedSnapshotData
+    | SnapshotSent
     | ProtocolViolation
     | PeerRefused
     | LinkLost
@@ -284,8 +367,12 @@ class Phase(enum.Enum):
     CUT = "cut"
     BRANCH_SEND = "branch-send"
     BRANCH_RECV = "branch-recv"
+    MERGE_WAIT = "merge-wait"  # loser: branch sent, waiting for the winner's MERGE_DONE
+    MERGING = "merging"  # winner: branch received, the adapter merges it
     SYNC_SOURCE = "sync-source"
     SYNC_TARGET = "sync-target"
+    SNAPSHOT_SOURCE = "snapshot-source"
+    SNAPSHOT_TARGET = "snapshot-target"
     ESTABLISHED = "established"
     CLOSED = "closed"
 
@@ -298,14 +385,28 @@ class Local(enum.Enum):
     SEND_FRAMES = "send-frames"  # answer to NeedFrames
     FRAMES_DURABLE = "frames-durable"
     BRANCH_SENT = "branch-sent"  # internal: the whole branch went out
+    MERGE_DONE = "merge-done"  # answer to BranchComplete: the merge is durable
     CAUGHT_UP = "caught-up"  # internal: the log read reached the live stream
+    SNAPSHOT_READY = "snapshot-ready"  # answer to NeedSnapshot
+    SEND_SNAPSHOT = "send-snapshot"  # answer to NeedSnapshotData
+    SNAPSHOT_SENT = "snapshot-sent"  # internal: every file went out
+    SNAPSHOT_WRITTEN = "snapshot-written"  # answer to SnapshotChunk
+    SNAPSHOT_INSTALLED = "snapshot-installed"  # answer to SnapshotInstall
 
 
 Input = MsgType | Local
 
 _P = Phase
 _AFTER_DECISION = frozenset(
-    {_P.CUT, _P.BRANCH_SEND, _P.BRANCH_RECV, _P.SYNC_SOURCE, _P.SYNC_TARGET, _P.ESTABLISHED}
+    {
+        _P.CUT,
+        _P.BRANCH_SEND,
+        _P.BRANCH_RECV,
+        _P.SYNC_SOURCE,
+        _P.SYNC_TARGET,
+        _P.SNAPSHOT_TARGET,
+        _P.ESTABLISHED,
+    }
 )
 _STREAMING = (_P.SYNC_SOURCE, _P.SYNC_TARGET, _P.ESTABLISHED)
 
@@ -317,11 +418,16 @@ TRANSITIONS: dict[tuple[Phase, Input], tuple[str, frozenset[Phase]]] = {
     (_P.HELLO, MsgType.HELLO): ("_on_hello", frozenset({_P.AUTH})),
     (_P.AUTH, MsgType.AUTH): ("_on_auth", frozenset({_P.STATE})),
     (_P.STATE, MsgType.STATE): ("_on_state", _AFTER_DECISION | {_P.CLOSED}),
-    (_P.CUT, Local.TAIL_CUT): ("_on_tail_cut", frozenset({_P.SYNC_TARGET, _P.ESTABLISHED})),
+    (_P.CUT, Local.TAIL_CUT): (
+        "_on_tail_cut",
+        frozenset({_P.SYNC_TARGET, _P.SNAPSHOT_TARGET, _P.ESTABLISHED}),
+    ),
     (_P.BRANCH_SEND, Local.SEND_FRAMES): ("_on_send_branch", frozenset({_P.BRANCH_SEND})),
-    (_P.BRANCH_SEND, Local.BRANCH_SENT): ("_on_branch_sent", frozenset({_P.CUT})),
+    (_P.BRANCH_SEND, Local.BRANCH_SENT): ("_on_branch_sent", frozenset({_P.MERGE_WAIT})),
+    (_P.MERGE_WAIT, MsgType.MERGE_DONE): ("_on_peer_merge_done", frozenset({_P.CUT})),
     (_P.BRANCH_RECV, MsgType.FRAMES): ("_on_branch_frames", frozenset({_P.BRANCH_RECV})),
-    (_P.BRANCH_RECV, MsgType.BRANCH_END): ("_on_branch_end", frozenset({_P.SYNC_SOURCE})),
+    (_P.BRANCH_RECV, MsgType.BRANCH_END): ("_on_branch_end", frozenset({_P.MERGING})),
+    (_P.MERGING, Local.MERGE_DONE): ("_on_merge_done", frozenset({_P.SYNC_SOURCE})),
     (_P.SYNC_SOURCE, MsgType.RESYNC_REQUEST): ("_on_resync_request", frozenset({_P.SYNC_SOURCE})),
     (_P.SYNC_SOURCE, Local.SEND_FRAMES): ("_on_send_resync", frozenset({_P.SYNC_SOURCE})),
     (_P.SYNC_SOURCE, MsgType.ACK): ("_on_ack", frozenset({_P.SYNC_SOURCE})),
@@ -345,6 +451,44 @@ TRANSITIONS: dict[tuple[Phase, Input], tuple[str, frozenset[Phase]]] = {
     (_P.ESTABLISHED, MsgType.RESYNC_REQUEST): ("_on_resync_request", frozenset({_P.SYNC_SOURCE})),
     (_P.ESTABLISHED, MsgType.VERIFY_REQUEST): ("_on_verify_request", frozenset({_P.ESTABLISHED})),
     (_P.ESTABLISHED, MsgType.VERIFY_DIGEST): ("_on_verify_digest", frozenset({_P.ESTABLISHED})),
+    # full sync
+    (_P.SYNC_SOURCE, MsgType.SNAPSHOT_REQUEST): (
+        "_on_snapshot_request",
+        frozenset({_P.SNAPSHOT_SOURCE}),
+    ),
+    (_P.SNAPSHOT_SOURCE, Local.SNAPSHOT_READY): (
+        "_on_snapshot_ready",
+        frozenset({_P.SNAPSHOT_SOURCE}),
+    ),
+    (_P.SNAPSHOT_SOURCE, Local.SEND_SNAPSHOT): (
+        "_on_send_snapshot",
+        frozenset({_P.SNAPSHOT_SOURCE}),
+    ),
+    (_P.SNAPSHOT_SOURCE, MsgType.SNAPSHOT_ACK): (
+        "_on_snapshot_ack",
+        frozenset({_P.SNAPSHOT_SOURCE}),
+    ),
+    (_P.SNAPSHOT_SOURCE, Local.SNAPSHOT_SENT): ("_on_snapshot_sent", frozenset({_P.SYNC_SOURCE})),
+    (_P.SYNC_SOURCE, MsgType.SNAPSHOT_ACK): ("_on_snapshot_ack", frozenset({_P.SYNC_SOURCE})),
+    (_P.SNAPSHOT_TARGET, MsgType.SNAPSHOT_DATA): (
+        "_on_snapshot_data",
+        frozenset({_P.SNAPSHOT_TARGET}),
+    ),
+    (_P.SNAPSHOT_TARGET, MsgType.SNAPSHOT_END): (
+        "_on_snapshot_end",
+        frozenset({_P.SNAPSHOT_TARGET}),
+    ),
+    (_P.SNAPSHOT_TARGET, Local.SNAPSHOT_WRITTEN): (
+        "_on_snapshot_written",
+        frozenset({_P.SNAPSHOT_TARGET}),
+    ),
+    # a disk error detached the peer (its STATE update says Diskless), while we send it the log
+    (_P.SYNC_SOURCE, MsgType.STATE): ("_on_peer_detached", frozenset({_P.SYNC_SOURCE})),
+    (_P.SNAPSHOT_SOURCE, MsgType.STATE): ("_on_peer_detached", frozenset({_P.SNAPSHOT_SOURCE})),
+    (_P.SNAPSHOT_TARGET, Local.SNAPSHOT_INSTALLED): (
+        "_on_snapshot_installed",
+        frozenset({_P.SYNC_TARGET}),
+    ),
 }
 #: Rate-limit tokens (bytes) below zero that still count as zero (float rounding of the clock).
 _TOKEN_SLACK = 1e-3
@@ -418,6 +562,7 @@ class ReplSession:
         # branch (merge loser)
         self._branch_cursor = 0
         self._branch_last = 0
+        self._branch_hash = hashlib.sha256()  # of the branch's frames, sent or received
         # receiving side (target / secondary)
         self._recv_next = local.last_lsn + 1
         self.received_lsn = local.last_lsn
@@ -434,6 +579,22 @@ class ReplSession:
         self._digests_wanted: set[tuple[int, int]] = set()
         self._peer_digest_wanted: set[tuple[int, int]] = set()
         self.stats_resync_bytes = 0
+        # full sync (source): the export's LSN and files, the read position, bytes sent/acked
+        self._snap_lsn: int | None = None  # source: the snapshot sent (resync from lsn + 1)
+        self._snap_files: tuple[tuple[str, int], ...] | None = None
+        self._snap_i = 0
+        self._snap_off = 0
+        self._snap_sent = 0
+        self._snap_acked = 0
+        self._snap_digest = wire.SnapshotDigest()
+        # full sync (target): what was received and written
+        self._snap_recv: dict[str, int] = {}
+        self._snap_cur = ""
+        self._snap_total = 0
+        self._snap_written = 0
+        self._snap_end: int | None = None
+        self._snap_install_asked = False
+        self.stats_snapshot_bytes = 0
 
     # -- public API: bytes and events ----------------------------------------------------------
 
@@ -498,9 +659,52 @@ class ReplSession:
         """Frames up to ``lsn`` (from :class:`IngestFrames`) are appended and fsynced."""
         self._local(Local.FRAMES_DURABLE, lsn)
 
+    def merge_done(self, last_lsn: int) -> None:
+        """Answer to :class:`BranchComplete`: the branch up to ``last_lsn`` is merged and every
+        merge transaction is durable (MERGE_DONE tells the peer it may cut its branch)."""
+        self._local(Local.MERGE_DONE, last_lsn)
+
     def tail_cut(self, after_lsn: int) -> None:
         """The tail after ``after_lsn`` is cut and quarantined (answer to :class:`CutTail`)."""
         self._local(Local.TAIL_CUT, after_lsn)
+
+    def snapshot_ready(self, lsn: int, files: Sequence[tuple[str, int]]) -> None:
+        """Answer to :class:`NeedSnapshot`: the export's LSN and (name, size) of its files."""
+        self._local(Local.SNAPSHOT_READY, (lsn, tuple(files)))
+
+    def send_snapshot_data(self, data: bytes) -> None:
+        """Answer to :class:`NeedSnapshotData` (exactly the bytes asked for)."""
+        self._local(Local.SEND_SNAPSHOT, bytes(data))
+
+    def snapshot_written(self, total: int) -> None:
+        """The snapshot bytes up to ``total`` (from :class:`SnapshotChunk`) are written."""
+        self._local(Local.SNAPSHOT_WRITTEN, total)
+
+    def snapshot_installed(self, lsn: int) -> None:
+        """The snapshot is installed (answer to :class:`SnapshotInstall`): catch up from
+        ``lsn + 1``."""
+        self._local(Local.SNAPSHOT_INSTALLED, lsn)
+
+    def disk_failed(self) -> None:
+        """This node's disk failed (ENOSPC, EIO: DRBD's ``on-io-error=detach``): it is Diskless
+        from now on. The peer is told with a STATE update (disk Diskless) before the link is
+        dropped with REFUSE(INGEST), so it knows this node holds no usable copy."""
+        if self.disk is not DiskState.DISKLESS:
+            self.disk = DiskState.DISKLESS
+            self._events.append(DiskChanged(DiskState.DISKLESS))
+        v = self.local
+        self.local = NodeView(
+            v.node_id,
+            v.role,
+            DiskState.DISKLESS,
+            v.history,
+            v.last_lsn,
+            v.first_retained_lsn,
+            v.discard_my_data,
+        )
+        if self.phase in _AFTER_DECISION or self.phase is Phase.SNAPSHOT_SOURCE:
+            self._send(wire.State(self.local, self.config.protocol, update=True))
+        self._close("disk-failed", refuse=RefuseReason.INGEST)
 
     def ingest_failed(self) -> None:
         """The store refused or failed to ingest frames: drop the link."""
@@ -757,10 +961,6 @@ class ReplSession:
         if o.action is Action.DISCONNECT:
             self._close("decision", refuse=RefuseReason.DECISION, detail=o.rule)
             return Phase.CLOSED
-        if o.full_sync:
-            # The snapshot transfer is not part of this engine yet: report and stop.
-            self._close("full-sync-required", refuse=RefuseReason.DECISION, detail=o.rule)
-            return Phase.CLOSED
         if o.action is Action.SYNC_TARGET and self.disk is not DiskState.INCONSISTENT:
             self.disk = DiskState.INCONSISTENT
             self._events.append(DiskChanged(DiskState.INCONSISTENT))
@@ -791,6 +991,8 @@ class ReplSession:
 
     def _start_streaming(self, o: Outcome) -> Phase:
         if self._receives_log(o):
+            if o.full_sync or self.config.full_sync:
+                return self._start_snapshot_target()
             self._send(wire.ResyncRequest(self._recv_next))
             return Phase.SYNC_TARGET
         if self._sends_log(o):
@@ -802,9 +1004,22 @@ class ReplSession:
         return Phase.ESTABLISHED
 
     def _maybe_up_to_date(self) -> None:
-        """In sync with an UpToDate peer: this node is UpToDate too."""
+        """In sync with an UpToDate peer: this node is UpToDate too.
+
+        Two Outdated nodes whose logs are identical (``IN_SYNC``, neither primary: e.g. after
+        a clean stop of the whole cluster, where the primary demoted first) both hold the newest
+        data either of them has, so both become UpToDate; the decision is symmetric, so the peer
+        does the same."""
         assert self.peer is not None
-        if self.peer.disk is DiskState.UP_TO_DATE and self.disk is not DiskState.UP_TO_DATE:
+        o = self.outcome
+        both_outdated_identical = (
+            o is not None
+            and o.action is Action.IN_SYNC
+            and self.peer.disk is DiskState.OUTDATED
+            and self.disk is DiskState.OUTDATED
+        )
+        peer_current = self.peer.disk is DiskState.UP_TO_DATE or both_outdated_identical
+        if peer_current and self.disk is not DiskState.UP_TO_DATE:
             self.disk = DiskState.UP_TO_DATE
             self._events.append(DiskChanged(DiskState.UP_TO_DATE))
 
@@ -828,13 +1043,23 @@ class ReplSession:
         if infos[0].lsn != self._branch_cursor:
             raise SessionUsageError("frames do not start at the requested LSN")
         self._send(wire.Frames(infos[0].lsn, FramesPurpose.BRANCH, frames))
+        wire.branch_digest_update(self._branch_hash, frames)
         self._branch_cursor = infos[-1].lsn + 1
         return Phase.BRANCH_SEND
 
     def _on_branch_sent(self, _arg: object) -> Phase:
-        o = self.outcome
-        assert o is not None and o.cut_local_after is not None
+        """The whole branch went out: wait for the winner's MERGE_DONE before cutting it (if
+        the link drops first, the branch stays and is shipped again on reconnect)."""
         self._send(wire.BranchEnd(self._branch_last))
+        return Phase.MERGE_WAIT
+
+    def _on_peer_merge_done(self, rec: wire.Received) -> Phase:
+        msg = rec.message
+        o = self.outcome
+        assert isinstance(msg, wire.MergeDone) and o is not None
+        assert o.cut_local_after is not None
+        if msg.last_lsn != self._branch_last or msg.digest != self._branch_hash.digest():
+            raise wire.UnexpectedMessage("MERGE_DONE does not match the branch sent")
         self._events.append(CutTail(o.cut_local_after))
         return Phase.CUT
 
@@ -848,6 +1073,7 @@ class ReplSession:
         if infos[0].lsn != expected:
             raise wire.UnexpectedMessage("branch frames out of order")
         self._branch_cursor = infos[-1].lsn + 1
+        wire.branch_digest_update(self._branch_hash, msg.frames)
         self._events.append(BranchFrames(msg.first_lsn, msg.frames))
         return Phase.BRANCH_RECV
 
@@ -857,7 +1083,15 @@ class ReplSession:
         expected = self.outcome.divergence_lsn + self.outcome.peer_tail
         if msg.last_lsn != expected or self._branch_cursor != expected + 1:
             raise wire.UnexpectedMessage("branch incomplete")
+        self._branch_last = msg.last_lsn
         self._events.append(BranchComplete(msg.last_lsn))
+        return Phase.MERGING
+
+    def _on_merge_done(self, last: object) -> Phase:
+        assert isinstance(last, int)
+        if last != self._branch_last:
+            raise SessionUsageError("merge_done does not match BranchComplete")
+        self._send(wire.MergeDone(last, self._branch_hash.digest()))
         return Phase.SYNC_SOURCE
 
     # -- source side ---------------------------------------------------------------------------
@@ -868,7 +1102,9 @@ class ReplSession:
         if self._cursor is not None:
             raise wire.UnexpectedMessage("second resync request")
         o = self.outcome
-        if self.phase is Phase.SYNC_SOURCE:  # the first: it must match the decision
+        if self._snap_lsn is not None:  # after a full sync: from the snapshot's LSN + 1
+            lo = self._snap_lsn + 1
+        elif self.phase is Phase.SYNC_SOURCE:  # the first: it must match the decision
             lo = o.resync_from if o.resync_from is not None else self._sent_last() + 1
         else:  # after a role change on an established link
             lo = self.local.first_retained_lsn
@@ -934,6 +1170,9 @@ class ReplSession:
                     self._branch_cursor, self.config.resync_chunk_bytes, FramesPurpose.BRANCH
                 )
             )
+            return
+        if self.phase is Phase.SNAPSHOT_SOURCE:
+            self._pump_snapshot()
             return
         if self.phase is not Phase.SYNC_SOURCE or self._cursor is None or self._need_out:
             return
@@ -1056,11 +1295,199 @@ class ReplSession:
                 return Phase.ESTABLISHED
         return self.phase
 
+    # -- full sync -----------------------------------------------------------------------------
+
+    def _start_snapshot_target(self) -> Phase:
+        if self.disk is not DiskState.INCONSISTENT:
+            self.disk = DiskState.INCONSISTENT
+            self._events.append(DiskChanged(DiskState.INCONSISTENT))
+        self._snap_recv = {}
+        self._snap_cur = ""
+        self._snap_total = self._snap_written = 0
+        self._snap_end = None
+        self._snap_install_asked = False
+        self._snap_digest = wire.SnapshotDigest()
+        self._events.append(SnapshotBegin(self._recv_next - 1))
+        self._send(wire.SnapshotRequest(self._recv_next - 1))
+        return Phase.SNAPSHOT_TARGET
+
+    def _on_snapshot_request(self, rec: wire.Received) -> Phase:
+        assert isinstance(rec.message, wire.SnapshotRequest)
+        if self._cursor is not None or self._snap_lsn is not None:
+            raise wire.UnexpectedMessage("snapshot request during a resync")
+        if self.peer_disk is not DiskState.INCONSISTENT:
+            self.peer_disk = DiskState.INCONSISTENT
+            self._events.append(PeerDiskChanged(DiskState.INCONSISTENT))
+        self._sync_done_lsn = None
+        self._events.append(NeedSnapshot())
+        return Phase.SNAPSHOT_SOURCE
+
+    def _on_snapshot_ready(self, arg: object) -> Phase:
+        assert isinstance(arg, tuple)
+        lsn, files = arg
+        if self._snap_files is not None:
+            raise SessionUsageError("snapshot_ready twice")
+        if not isinstance(lsn, int) or lsn < 0 or not files:
+            raise SessionUsageError("a snapshot has an LSN and at least one file")
+        for name, size in files:
+            if not wire.snapshot_name_ok(name) or size < 0:
+                raise SessionUsageError("bad snapshot file")
+        self._snap_lsn = lsn
+        self._snap_files = files
+        self._snap_i = self._snap_off = self._snap_sent = self._snap_acked = 0
+        self._snap_digest = wire.SnapshotDigest()
+        return Phase.SNAPSHOT_SOURCE
+
+    def _pump_snapshot(self) -> None:
+        """Source: ask for the next chunk of the snapshot, within the window and the rate."""
+        files = self._snap_files
+        if files is None or self._need_out:
+            return
+        if self._snap_i >= len(files):
+            self._local(Local.SNAPSHOT_SENT, None)
+            return
+        if self._snap_sent - self._snap_acked >= self.config.resync_window_bytes:
+            return
+        if self.config.resync_rate:
+            self._refill()
+            if self._tokens < -_TOKEN_SLACK:
+                return
+        name, size = files[self._snap_i]
+        n = min(self.config.resync_chunk_bytes, size - self._snap_off)
+        self._need_out = True
+        self._events.append(NeedSnapshotData(self._snap_i, name, self._snap_off, n))
+
+    def _on_send_snapshot(self, data: object) -> Phase:
+        assert isinstance(data, bytes) and self._snap_files is not None
+        if not self._need_out:
+            raise SessionUsageError("snapshot data nobody asked for")
+        self._need_out = False
+        name, size = self._snap_files[self._snap_i]
+        if len(data) != min(self.config.resync_chunk_bytes, size - self._snap_off):
+            raise SessionUsageError("snapshot data of the wrong size")
+        self._send(wire.SnapshotData(name, self._snap_off, data))
+        self._snap_digest.update(name, self._snap_off, data)
+        self._snap_off += len(data)
+        self._snap_sent += len(data)
+        self.stats_snapshot_bytes += len(data)
+        if self._snap_off >= size:
+            self._snap_i += 1
+            self._snap_off = 0
+        if self.config.resync_rate:
+            self._refill()
+            self._tokens -= len(data)
+        if self._ack_wait_since is None and self._snap_sent > self._snap_acked:
+            self._ack_wait_since = self._clock()
+        return Phase.SNAPSHOT_SOURCE
+
+    def _on_snapshot_sent(self, _arg: object) -> Phase:
+        assert self._snap_files is not None and self._snap_lsn is not None
+        self._send(
+            wire.SnapshotEnd(
+                self._snap_lsn, len(self._snap_files), self._snap_sent, self._snap_digest.digest()
+            )
+        )
+        self._events.append(SnapshotSent(self._snap_lsn))
+        self.sent_lsn = max(self.sent_lsn, self._snap_lsn)
+        return Phase.SYNC_SOURCE
+
+    def _on_snapshot_ack(self, rec: wire.Received) -> Phase:
+        msg = rec.message
+        assert isinstance(msg, wire.SnapshotAck)
+        if self._snap_lsn is None or msg.written_bytes > self._snap_sent:
+            raise wire.UnexpectedMessage("snapshot ack beyond what was sent")
+        if msg.written_bytes > self._snap_acked:
+            self._snap_acked = msg.written_bytes
+            done = self._snap_acked >= self._snap_sent
+            self._ack_wait_since = None if done else self._clock()
+        return self.phase
+
+    def _on_snapshot_data(self, rec: wire.Received) -> Phase:
+        msg = rec.message
+        assert isinstance(msg, wire.SnapshotData)
+        if self._snap_end is not None:
+            raise wire.UnexpectedMessage("snapshot data after SNAPSHOT_END")
+        have = self._snap_recv.get(msg.name)
+        if msg.name != self._snap_cur and have is not None:
+            raise wire.UnexpectedMessage("snapshot file sent twice")
+        if msg.offset != (have or 0):
+            raise wire.UnexpectedMessage("snapshot data out of order")
+        self._snap_cur = msg.name
+        self._snap_recv[msg.name] = msg.offset + len(msg.data)
+        self._snap_total += len(msg.data)
+        self._snap_digest.update(msg.name, msg.offset, msg.data)
+        self._events.append(SnapshotChunk(msg.name, msg.offset, msg.data, self._snap_total))
+        return Phase.SNAPSHOT_TARGET
+
+    def _on_snapshot_end(self, rec: wire.Received) -> Phase:
+        msg = rec.message
+        assert isinstance(msg, wire.SnapshotEnd)
+        if self._snap_end is not None:
+            raise wire.UnexpectedMessage("second SNAPSHOT_END")
+        if (
+            msg.total_bytes != self._snap_total
+            or msg.files != len(self._snap_recv)
+            or not hmac.compare_digest(msg.digest, self._snap_digest.digest())
+        ):
+            raise wire.SnapshotMismatch("snapshot size or digest mismatch")
+        self._snap_end = msg.lsn
+        self._maybe_install()
+        return Phase.SNAPSHOT_TARGET
+
+    def _on_snapshot_written(self, total: object) -> Phase:
+        assert isinstance(total, int)
+        if total > self._snap_total or total < self._snap_written:
+            raise SessionUsageError("snapshot bytes written outside what was received")
+        if total > self._snap_written:
+            self._snap_written = total
+            self._send(wire.SnapshotAck(total))
+        self._maybe_install()
+        return Phase.SNAPSHOT_TARGET
+
+    def _maybe_install(self) -> None:
+        """Every byte announced by SNAPSHOT_END is written: install (once)."""
+        end = self._snap_end
+        if end is None or self._snap_install_asked or self._snap_written < self._snap_total:
+            return
+        self._snap_install_asked = True
+        self._events.append(SnapshotInstall(end))
+
+    def _on_snapshot_installed(self, lsn: object) -> Phase:
+        assert isinstance(lsn, int)
+        if not self._snap_install_asked or lsn != self._snap_end:
+            raise SessionUsageError("snapshot_installed does not match SnapshotInstall")
+        self._recv_next = lsn + 1
+        self.received_lsn = self.durable_lsn = lsn
+        self._appended_last = max(self._appended_last, lsn)
+        self._sync_done_at = None
+        # The installed snapshot is durable (fsynced): the source learns it holds up to lsn.
+        self._send(wire.Ack(lsn, lsn))
+        self._send(wire.ResyncRequest(lsn + 1))
+        return Phase.SYNC_TARGET
+
+    def _on_peer_detached(self, rec: wire.Received) -> Phase:
+        """The peer's disk failed (a STATE update saying Diskless): it holds no usable copy
+        and drops the link; report it (the adapter applies its fencing policy on LinkLost)."""
+        msg = rec.message
+        assert isinstance(msg, wire.State) and self.peer is not None
+        if not msg.update or msg.view.node_id != self.peer.node_id:
+            raise wire.UnexpectedMessage("bad state update")
+        if msg.view.disk is not DiskState.DISKLESS:
+            raise wire.UnexpectedMessage("state update during a sync")
+        self.peer = msg.view
+        self.peer_disk = DiskState.DISKLESS
+        self._events.append(PeerStateReceived(msg.view, msg.protocol))
+        self._events.append(PeerDiskChanged(DiskState.DISKLESS))
+        self._close("peer-diskless", refuse=None)
+        return Phase.CLOSED
+
     # -- state updates, verify, keepalive ------------------------------------------------------
 
     def _on_state_update(self, rec: wire.Received) -> Phase:
         msg = rec.message
         assert isinstance(msg, wire.State) and self.peer is not None
+        if msg.update and msg.view.disk is DiskState.DISKLESS:
+            return self._on_peer_detached(rec)
         if not msg.update or msg.view.node_id != self.peer.node_id:
             raise wire.UnexpectedMessage("bad state update")
         if msg.view.role is Role.PRIMARY and self.local.role is Role.PRIMARY:
@@ -1172,6 +1599,8 @@ __all__ = [
     "Local",
     "NeedDigest",
     "NeedFrames",
+    "NeedSnapshot",
+    "NeedSnapshotData",
     "PeerDiskChanged",
     "PeerInSync",
     "PeerRefused",
@@ -1182,6 +1611,10 @@ __all__ = [
     "SendBytes",
     "SessionConfig",
     "SessionUsageError",
+    "SnapshotBegin",
+    "SnapshotChunk",
+    "SnapshotInstall",
+    "SnapshotSent",
     "VerifyDone",
     "VerifyResult",
 ]

@@ -99,6 +99,7 @@ class RefuseReason(enum.IntEnum):
     DECISION = 13  # the decision says disconnect (split brain, both primary, ...)
     TIMEOUT = 14
     INGEST = 15  # the secondary could not store the frames
+    SNAPSHOT = 30  # a full sync's snapshot did not arrive whole (digest, size, layout)
 
 
 REFUSE_TEXT: dict[RefuseReason, str] = {
@@ -117,6 +118,7 @@ REFUSE_TEXT: dict[RefuseReason, str] = {
     RefuseReason.DECISION: "connection refused by the reconnect decision",
     RefuseReason.TIMEOUT: "timeout",
     RefuseReason.INGEST: "frames could not be stored",
+    RefuseReason.SNAPSHOT: "snapshot transfer failed",
 }
 
 
@@ -160,6 +162,12 @@ class StaleTerm(WireError):
     """A term below one the peer already used, or frames from a primary of an older term."""
 
     reason = RefuseReason.STALE_TERM
+
+
+class SnapshotMismatch(WireError):
+    """A full sync's snapshot did not arrive as announced (size, file count or digest)."""
+
+    reason = RefuseReason.SNAPSHOT
 
 
 class UnexpectedMessage(WireError):
@@ -252,6 +260,13 @@ class MsgType(enum.IntEnum):
     PING = 11
     PONG = 12
     REFUSE = 13
+    # Full sync (numbers from 20 on: a block of their own).
+    SNAPSHOT_REQUEST = 20
+    SNAPSHOT_DATA = 21
+    SNAPSHOT_END = 22
+    SNAPSHOT_ACK = 23
+    # Split-brain merge (a block of its own).
+    MERGE_DONE = 30
 
 
 @dataclass(frozen=True, slots=True)
@@ -457,6 +472,33 @@ class BranchEnd:
 
 
 @dataclass(frozen=True, slots=True)
+class MergeDone:
+    """The split-brain winner has merged the loser's branch up to ``last_lsn`` and every merge
+    transaction is durable; ``digest`` is the branch's (:func:`branch_digest` of its frames in
+    order). Only now may the loser cut its branch."""
+
+    TYPE: ClassVar[MsgType] = MsgType.MERGE_DONE
+    last_lsn: int
+    digest: bytes
+
+    def encode(self) -> bytes:
+        if len(self.digest) != HASH_SIZE:
+            raise ValueError("bad MERGE_DONE digest length")
+        return struct.pack("<Q", self.last_lsn) + self.digest
+
+    @classmethod
+    def decode(cls, r: _Reader) -> MergeDone:
+        return cls(r.u64(), r.take(HASH_SIZE))
+
+
+def branch_digest_update(h: hashlib._Hash, frames: Sequence[bytes]) -> None:
+    """Feed a branch's raw frames (in LSN order) to ``h`` (SHA-256): MERGE_DONE's digest."""
+    for f in frames:
+        h.update(struct.pack("<I", len(f)))
+        h.update(f)
+
+
+@dataclass(frozen=True, slots=True)
 class VerifyRequest:
     TYPE: ClassVar[MsgType] = MsgType.VERIFY_REQUEST
     first_lsn: int
@@ -539,6 +581,112 @@ class Refuse:
         return cls(reason, r.text())
 
 
+# --- full sync: the snapshot transfer -----------------------------------------------------------
+
+#: A snapshot file name on the wire: a plain file name (the store checks it is a segment or a
+#: checkpoint); no path separators, no leading dot.
+MAX_SNAPSHOT_NAME = 64
+
+
+def snapshot_name_ok(name: str) -> bool:
+    return (
+        0 < len(name) <= MAX_SNAPSHOT_NAME
+        and not name.startswith(".")
+        and all(c.isascii() and (c.isalnum() or c in "._-") for c in name)
+    )
+
+
+@dataclass(frozen=True, slots=True)
+class SnapshotRequest:
+    """A sync target asks for a full sync (its log is behind the source's retention horizon,
+    or it was invalidated); ``last_lsn`` is what it holds now (informational)."""
+
+    TYPE: ClassVar[MsgType] = MsgType.SNAPSHOT_REQUEST
+    last_lsn: int
+
+    def encode(self) -> bytes:
+        return struct.pack("<Q", self.last_lsn)
+
+    @classmethod
+    def decode(cls, r: _Reader) -> SnapshotRequest:
+        return cls(r.u64())
+
+
+@dataclass(frozen=True, slots=True)
+class SnapshotData:
+    """``data`` at ``offset`` of snapshot file ``name`` (files in order, each sequentially)."""
+
+    TYPE: ClassVar[MsgType] = MsgType.SNAPSHOT_DATA
+    name: str
+    offset: int
+    data: bytes
+
+    def encode(self) -> bytes:
+        if not snapshot_name_ok(self.name):
+            raise ValueError("bad snapshot file name")
+        return _text(self.name) + struct.pack("<QI", self.offset, len(self.data)) + self.data
+
+    @classmethod
+    def decode(cls, r: _Reader) -> SnapshotData:
+        name = r.text()
+        if not snapshot_name_ok(name):
+            raise CorruptMessage("bad snapshot file name")
+        offset, n = r.u64(), r.u32()
+        return cls(name, offset, r.take(n))
+
+
+@dataclass(frozen=True, slots=True)
+class SnapshotEnd:
+    """Every file was sent: the snapshot holds LSNs up to ``lsn``, ``files`` files of
+    ``total_bytes``; ``digest`` is :class:`SnapshotDigest` over every SNAPSHOT_DATA."""
+
+    TYPE: ClassVar[MsgType] = MsgType.SNAPSHOT_END
+    lsn: int
+    files: int
+    total_bytes: int
+    digest: bytes
+
+    def encode(self) -> bytes:
+        if len(self.digest) != HASH_SIZE:
+            raise ValueError("bad snapshot digest length")
+        return struct.pack("<QIQ", self.lsn, self.files, self.total_bytes) + self.digest
+
+    @classmethod
+    def decode(cls, r: _Reader) -> SnapshotEnd:
+        return cls(r.u64(), r.u32(), r.u64(), r.take(HASH_SIZE))
+
+
+@dataclass(frozen=True, slots=True)
+class SnapshotAck:
+    """The target has written ``written_bytes`` of the snapshot (flow control)."""
+
+    TYPE: ClassVar[MsgType] = MsgType.SNAPSHOT_ACK
+    written_bytes: int
+
+    def encode(self) -> bytes:
+        return struct.pack("<Q", self.written_bytes)
+
+    @classmethod
+    def decode(cls, r: _Reader) -> SnapshotAck:
+        return cls(r.u64())
+
+
+class SnapshotDigest:
+    """BLAKE2b-256 (personalization ``mh-snapshot-v1``) over every SNAPSHOT_DATA in order:
+    name length u16, name, offset u64, data length u32, data. Sender and receiver compute it
+    alike; SNAPSHOT_END carries the sender's."""
+
+    def __init__(self) -> None:
+        self._h = hashlib.blake2b(digest_size=HASH_SIZE, person=b"mh-snapshot-v1")
+
+    def update(self, name: str, offset: int, data: bytes) -> None:
+        self._h.update(_text(name) + struct.pack("<QI", offset, len(data)))
+        self._h.update(data)
+
+    def digest(self) -> bytes:
+        return self._h.digest()
+
+
 Message: TypeAlias = (
     Hello
     | Auth
@@ -553,6 +701,11 @@ Message: TypeAlias = (
     | Ping
     | Pong
     | Refuse
+    | SnapshotRequest
+    | SnapshotData
+    | SnapshotEnd
+    | SnapshotAck
+    | MergeDone
 )
 
 _DECODERS: dict[int, type[Message]] = {
@@ -571,6 +724,11 @@ _DECODERS: dict[int, type[Message]] = {
         Ping,
         Pong,
         Refuse,
+        SnapshotRequest,
+        SnapshotData,
+        SnapshotEnd,
+        SnapshotAck,
+        MergeDone,
     )
 }
 
@@ -810,6 +968,7 @@ __all__ = [
     "Frames",
     "FramesPurpose",
     "Hello",
+    "MergeDone",
     "Message",
     "MessageDecoder",
     "MessageEncoder",
@@ -822,6 +981,12 @@ __all__ = [
     "RefuseReason",
     "ReplayedMessage",
     "ResyncRequest",
+    "SnapshotAck",
+    "SnapshotData",
+    "SnapshotDigest",
+    "SnapshotEnd",
+    "SnapshotMismatch",
+    "SnapshotRequest",
     "StaleTerm",
     "State",
     "SyncDone",
@@ -832,7 +997,9 @@ __all__ = [
     "VerifyRequest",
     "WireError",
     "auth_mac",
+    "branch_digest_update",
     "negotiate_version",
     "peek_frame",
     "session_key",
+    "snapshot_name_ok",
 ]

@@ -541,6 +541,16 @@ class ClusterManager:
         s = self.snapshot(self.clock(), for_ack=True)
         return ack_allowed(s)
 
+    def peer_serving(self) -> bool:
+        """Is the peer, as its heartbeats show it now, alive, primary and running its resources
+        (not shutting down)? The standby's forwarder (proxy mode) sends clients to it only then.
+        """
+        ps = self.hb.peer_status
+        if ps is None or self.hb.peer_state(self.clock()) is not PeerState.ALIVE:
+            return False
+        stopped = Flags.RESOURCES_STOPPED | Flags.SHUTDOWN
+        return ps.role is Role.PRIMARY and not (ps.flags & stopped)
+
     async def ack_gate(self) -> None:
         """Return once acknowledging is allowed; raise :class:`AckRefused` when it cannot be
         (see the module docstring)."""
@@ -632,7 +642,7 @@ class ClusterManager:
         )
 
     def _term(self) -> int:
-        return self.lease.term if not self.settings.two_node else self._generation()
+        return self.lease.granted_term if not self.settings.two_node else self._generation()
 
     def _stop_overdue(self, now: float, confirms: bool) -> bool:
         if self.resources is not Resources.STOPPING or self._stop_started is None:

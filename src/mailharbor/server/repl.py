@@ -43,7 +43,17 @@ Invariants:
 * Exactly one link is active at a time; frames reach a session in LSN order without gaps (the
   store's frame listener, synchronous with the append).
 * Peer input never raises here: the session turns it into events; a failure of ours (store
-  error while ingesting) drops the link with REFUSE(INGEST).
+  error while ingesting) drops the link with REFUSE(INGEST) — and a disk error (ENOSPC, EIO)
+  detaches this node: Diskless, the peer told, StandAlone until restarted.
+* **Full sync.** ``NeedSnapshot`` → ``store.export_snapshot`` (``retain_from`` kept at its
+  LSN + 1), read in chunks for the session; on the target ``SnapshotBegin`` /
+  ``SnapshotChunk`` / ``SnapshotInstall`` → ``begin_snapshot_install`` /
+  ``write_snapshot_file`` / ``install_snapshot``. ``snapshot_pending`` (persisted from the
+  first byte until installed) forbids promotion, even forced; the target stays Inconsistent
+  until the catch-up after the install. ``repl invalidate`` asks for a full sync.
+* **Retention horizon.** With ``replication.retain_bytes`` a primary drops the head of its log
+  every ``RETAIN_INTERVAL`` (:meth:`Replicator.apply_retention`), never past what a connected
+  peer made durable.
 """
 
 from __future__ import annotations
@@ -55,8 +65,9 @@ import json
 import logging
 import os
 import random
+import shutil
 import time
-from collections.abc import Awaitable, Callable, Iterator, Sequence
+from collections.abc import Awaitable, Callable, Generator, Iterator, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Protocol
 
@@ -85,6 +96,8 @@ from mailharbor.repl.session import (
     LinkLost,
     NeedDigest,
     NeedFrames,
+    NeedSnapshot,
+    NeedSnapshotData,
     PeerDiskChanged,
     PeerInSync,
     PeerRefused,
@@ -95,6 +108,10 @@ from mailharbor.repl.session import (
     SendBytes,
     SessionConfig,
     SessionUsageError,
+    SnapshotBegin,
+    SnapshotChunk,
+    SnapshotInstall,
+    SnapshotSent,
     VerifyDone,
     VerifyResult,
 )
@@ -111,7 +128,8 @@ from mailharbor.repl.state import (
 )
 from mailharbor.server.smtp import split_endpoint
 from mailharbor.service.merge import BranchSpool, MergeError, merge_branch
-from mailharbor.store import DurabilityBarrier, Store, StoreError, StoreState
+from mailharbor.store import DurabilityBarrier, Store, StoreError, StoreIOError, StoreState
+from mailharbor.store.store import SnapshotExport
 
 __all__ = [
     "AsyncBarrier",
@@ -125,6 +143,10 @@ __all__ = [
 
 log = logging.getLogger("mailharbor.repl")
 
+#: Reconnect refusals that the roles settle by themselves (the link keeps retrying; any other
+#: refusal leaves the link StandAlone until `repl connect`).
+TRANSIENT_REFUSALS = frozenset({"rule:both-primary"})
+
 #: Reconnect backoff bounds (seconds); each wait gets up to 50 % random jitter.
 BACKOFF_MIN = 0.1
 BACKOFF_MAX = 2.0
@@ -135,6 +157,8 @@ READ_SIZE = 256 * 1024
 META_VERSION = 1
 #: How long `repl verify` waits for the whole comparison.
 VERIFY_TIMEOUT = 600.0
+#: How often a primary applies the retention horizon (``replication.retain_bytes``).
+RETAIN_INTERVAL = 1.0
 
 
 class ReplStore(Protocol):
@@ -184,6 +208,18 @@ class ReplStore(Protocol):
 
     retain_from: int
 
+    def drop_head(self, before_lsn: int) -> int: ...
+
+    def head_drop_point(self, keep_bytes: int) -> int: ...
+
+    def export_snapshot(self) -> SnapshotExport: ...
+
+    def begin_snapshot_install(self) -> None: ...
+
+    def write_snapshot_file(self, name: str, offset: int, data: bytes) -> None: ...
+
+    def install_snapshot(self) -> object: ...
+
 
 @dataclass(frozen=True, slots=True)
 class ReplSettings:
@@ -202,6 +238,10 @@ class ReplSettings:
     ping_interval: float = 2.0
     ping_timeout: float = 4.0
     resync_rate: int = 0
+    #: The retention horizon: a primary keeps at least this many bytes of its newest log
+    #: segments and drops older ones the peer has acknowledged (0: never drop the head). A
+    #: peer that falls behind the horizon gets a full sync.
+    retain_bytes: int = 0
     #: False when the cluster manager decides the role: ``role = primary`` then only makes the
     #: first start UpToDate (the first node of a pair); the node starts secondary.
     auto_promote: bool = True
@@ -280,6 +320,17 @@ class _Link:
     processing: bool = False
     timer_at: float | None = None  # the deadline the timer loop sleeps until (None: awake)
     ingest_task: asyncio.Task[None] | None = None  # not cancelled with the link (see _link_gone)
+    snap_export: SnapshotExport | None = None  # full sync, source: the snapshot being sent
+    # The log read of the last NeedFrames, kept open for the next one (a resync reads the log
+    # in chunks; a fresh read_frames would scan its segment from the start every time).
+    frame_iter: Iterator[bytes] | None = None
+    frame_iter_next: int = 0
+
+
+def _close_iter(it: Iterator[bytes] | None) -> None:
+    """Close a log read (its segment file) now rather than when it is collected."""
+    if isinstance(it, Generator):
+        it.close()
 
 
 class Replicator:
@@ -330,12 +381,19 @@ class Replicator:
         # split-brain merge (the winner's side) and the operator's one-shot resolutions
         self._merge_spool: tuple[_Link, BranchSpool] | None = None
         self._merge_ready: list[tuple[str, bytes]] = []  # complete spools not merged yet
+        # spool path -> the link whose peer waits for MERGE_DONE, and the branch's last LSN
+        self._merge_confirm: dict[str, tuple[_Link, int]] = {}
         self._merge_task: asyncio.Task[None] | None = None
         self.last_merge: dict[str, object] | None = None
         self._discard_my_data = False
         self._policy_override: SplitBrainPolicy | None = None
         self._appended: list[bytes] = []  # frames appended this loop iteration, not shipped
         self._draining: set[asyncio.Task[None]] = set()  # ingest tasks of dropped links
+        # full sync: asked by `repl invalidate` (until UpToDate); a snapshot being received
+        # (from SnapshotBegin until installed: no promotion, not even forced)
+        self._want_full_sync = False
+        self._snapshot_pending = False
+        self._retain_task: asyncio.Task[None] | None = None
 
     # -- lifetime ------------------------------------------------------------------------------
 
@@ -358,6 +416,8 @@ class Replicator:
         self._save_meta()
         loop = asyncio.get_running_loop()
         self._connect_task = loop.create_task(self._connect_loop())
+        if self.settings.retain_bytes > 0:
+            self._retain_task = loop.create_task(self._retain_loop())
         if start_role is Role.PRIMARY and self.settings.auto_promote:
             if self._first_start:
                 await self.promote(force=False, reason="replication.role = primary, first start")
@@ -373,11 +433,15 @@ class Replicator:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._auto_task
             self._auto_task = None
+        if self._retain_task is not None:
+            self._retain_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await self._retain_task
         if self._gen_task is not None:
             self._gen_task.cancel()
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await self._gen_task
-        if self._merge_task is not None:  # a merge cut short is reported (not resumed)
+        if self._merge_task is not None:  # a merge cut short resumes from its journal
             self._merge_task.cancel()
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await self._merge_task
@@ -469,6 +533,8 @@ class Replicator:
             if not out or g.number > out[-1].number:
                 out.append(g)
         self.history = tuple(out)
+        self._want_full_sync = meta.get("full_sync") is True
+        self._snapshot_pending = meta.get("snapshot_pending") is True
         peer_gen = meta.get("peer_max_generation")
         self.peer_max_generation = peer_gen if isinstance(peer_gen, int) else 0
         saved_role = meta.get("role")
@@ -484,6 +550,9 @@ class Replicator:
         try:
             disk = DiskState(disk_name)
         except ValueError:
+            disk = DiskState.OUTDATED
+        if disk is DiskState.DISKLESS:
+            # Detached after a disk error; the store opened again: a consistent prefix.
             disk = DiskState.OUTDATED
         if saved_role != Role.PRIMARY.value and disk is DiskState.UP_TO_DATE:
             # A secondary cannot know what its peer acknowledged while it was down.
@@ -513,6 +582,8 @@ class Replicator:
                 [g.number, g.first_lsn, g.origin.hex(), g.mirrored_from, g.mirrored_until]
                 for g in self.history
             ],
+            "full_sync": self._want_full_sync,
+            "snapshot_pending": self._snapshot_pending,
             "saved_at": round(time.time(), 3),
         }
         return json.dumps(data, sort_keys=True).encode()
@@ -532,6 +603,9 @@ class Replicator:
     def view(self) -> NodeView:
         last = self.store.last_lsn
         hist = tuple(g for g in self.history if g.first_lsn <= last + 1)
+        if self._want_full_sync and self.roles.role is Role.SECONDARY:
+            # Invalidated: whatever the store still holds is to be replaced by a snapshot.
+            return NodeView(self.node_id, self.roles.role, self.disk, (), 0, 1)
         return NodeView(
             node_id=self.node_id,
             role=self.roles.role,
@@ -560,6 +634,7 @@ class Replicator:
             ping_interval=s.ping_interval,
             ping_timeout=s.ping_timeout,
             resync_rate=s.resync_rate or None,
+            full_sync=self._want_full_sync,
         )
 
     # -- connections ---------------------------------------------------------------------------
@@ -695,6 +770,9 @@ class Replicator:
             try:
                 await self.store.ingest(frames)
             except Exception as e:
+                if self._is_disk_error(e):
+                    self._detach(link, e)
+                    return
                 log.error("replication: storing the peer's frames failed: %s", e)
                 s.ingest_failed()
                 self._process(link)
@@ -730,6 +808,11 @@ class Replicator:
         if link.closed:
             return
         link.closed = True
+        _close_iter(link.frame_iter)
+        link.frame_iter = None
+        if link.snap_export is not None:
+            link.snap_export.close()
+            link.snap_export = None
         with contextlib.suppress(Exception):
             link.writer.close()
         link.wake.set()
@@ -833,7 +916,7 @@ class Replicator:
         elif isinstance(ev, CutTail):
             self._cut_tail(link, ev.after_lsn)
         elif isinstance(ev, NeedFrames):
-            s.send_frames(self._read_frames(ev.from_lsn, ev.max_bytes))
+            s.send_frames(self._read_frames(link, ev.from_lsn, ev.max_bytes))
         elif isinstance(ev, IngestFrames):
             if link.sync_started is None:
                 link.sync_started = self.clock()
@@ -854,10 +937,19 @@ class Replicator:
             if self.disk is not ev.disk:
                 log.info("replication: disk %s -> %s", self.disk.value, ev.disk.value)
                 self.disk = ev.disk
+                if ev.disk is DiskState.UP_TO_DATE:
+                    self._want_full_sync = False  # `repl invalidate` done
                 self._save_meta()
         elif isinstance(ev, PeerDiskChanged):
             self.peer_disk = ev.disk
-            log.info("replication: peer disk is %s", ev.disk.value)
+            if ev.disk is DiskState.DISKLESS:
+                log.error(
+                    "replication: the peer detached its disk after a disk error (Diskless): it "
+                    "no longer holds a copy; fencing %s applies",
+                    self.settings.fencing.value,
+                )
+            else:
+                log.info("replication: peer disk is %s", ev.disk.value)
         elif isinstance(ev, NeedDigest):
             s.provide_digest(ev.first_lsn, ev.last_lsn, self._digest(ev.first_lsn, ev.last_lsn))
         elif isinstance(ev, VerifyResult):
@@ -884,14 +976,34 @@ class Replicator:
             )
         elif isinstance(ev, LinkLost):
             self._on_link_lost(link, ev.reason)
+        elif isinstance(
+            ev,
+            SnapshotBegin | SnapshotChunk | SnapshotInstall | NeedSnapshot | NeedSnapshotData,
+        ):
+            self._on_snapshot_event(link, ev)
+        elif isinstance(ev, SnapshotSent):
+            if link.snap_export is not None:
+                link.snap_export.close()
+                link.snap_export = None
+            log.info("replication: snapshot up to LSN %d sent; the peer catches up", ev.lsn)
 
-    def _read_frames(self, from_lsn: int, max_bytes: int) -> list[bytes]:
+    def _read_frames(self, link: _Link, from_lsn: int, max_bytes: int) -> list[bytes]:
+        """Up to ``max_bytes`` of frames from ``from_lsn`` on, continuing the previous read of
+        ``link`` when it asks for the very next LSN (the iterator ends at the durable LSN taken
+        when it began; an ended one is replaced by a fresh read)."""
+        it = link.frame_iter
+        link.frame_iter = None
+        if it is None or link.frame_iter_next != from_lsn:
+            _close_iter(it)
+            it = iter(self.store.read_frames(from_lsn, durable=True))
         out: list[bytes] = []
         size = 0
-        for raw in self.store.read_frames(from_lsn, durable=True):
+        for raw in it:
             out.append(raw)
             size += len(raw)
             if size >= max_bytes:
+                link.frame_iter = it
+                link.frame_iter_next = wire.peek_frame(raw).lsn + 1
                 break
         return out
 
@@ -936,10 +1048,28 @@ class Replicator:
             self._discard_my_data = False  # one-shot (resolve-split-brain)
             self._policy_override = None
         because = " <- ".join(reversed(o.because))
-        if o.action is Action.DISCONNECT or o.full_sync:
+        if o.full_sync:
+            log.warning(
+                "replication: %s (%s): a full sync follows (%s); divergence LSN %d",
+                o.rule,
+                because,
+                "this node receives a snapshot"
+                if o.action is Action.SYNC_TARGET
+                else "this node sends a snapshot",
+                o.divergence_lsn,
+            )
+        if o.action is Action.DISCONNECT and o.rule in TRANSIENT_REFUSALS:
+            # Both nodes are primary right now (e.g. a paused old primary that has not noticed
+            # yet that it lost its lease): the cluster manager settles the roles within
+            # seconds, so keep reconnecting instead of standing alone.
+            log.warning(
+                "replication: reconnect refused for now: %s (%s); retrying",
+                o.rule,
+                because,
+            )
+            return
+        if o.action is Action.DISCONNECT:
             why = "split brain detected" if o.split_brain else "reconnect refused"
-            if o.full_sync:
-                why = "the peer needs a full sync (not implemented yet)"
             log.error(
                 "replication: %s: %s (%s); divergence LSN %d, local tail %d, peer tail %d%s. "
                 "The link stays down (StandAlone) until `repl connect`.",
@@ -977,6 +1107,163 @@ class Replicator:
             if hist != self.history:
                 self.history = hist
                 self._save_meta()
+
+    # -- full sync and the retention horizon ----------------------------------------------------
+
+    def _on_snapshot_event(
+        self,
+        link: _Link,
+        ev: SnapshotBegin | SnapshotChunk | SnapshotInstall | NeedSnapshot | NeedSnapshotData,
+    ) -> None:
+        """Full sync. Target: receive into ``snapshot-incoming/`` and install crash-safely
+        (``snapshot_pending`` is persisted from the first byte until the install is done: the
+        node is Inconsistent and refuses promotion, even forced). Source: export a consistent
+        snapshot and keep the log from its LSN + 1 (``retain_from``) for the catch-up."""
+        s = link.session
+        if isinstance(ev, NeedSnapshot):
+            try:
+                exp = self.store.export_snapshot()
+            except StoreError as e:
+                log.error("replication: cannot take a snapshot for the peer: %s", e)
+                s.close("snapshot-failed")
+                return
+            link.snap_export = exp
+            self.store.retain_from = min(self.store.retain_from, exp.lsn + 1)
+            log.warning(
+                "replication: full sync: sending a snapshot up to LSN %d (%d file(s), %d bytes)",
+                exp.lsn,
+                len(exp.files),
+                exp.total_bytes,
+            )
+            s.snapshot_ready(exp.lsn, exp.files)
+            return
+        if isinstance(ev, NeedSnapshotData):
+            cur = link.snap_export
+            if cur is None:
+                s.close("snapshot-lost")
+                return
+            try:
+                data = cur.read(ev.index, ev.offset, ev.size)
+            except OSError as e:
+                log.error("replication: reading the snapshot failed: %s", e)
+                s.close("snapshot-failed")
+                return
+            s.send_snapshot_data(data)
+            return
+        try:
+            if isinstance(ev, SnapshotBegin):
+                self._snapshot_pending = True
+                self._save_meta()  # before the first byte: a restart knows it was receiving
+                self.store.begin_snapshot_install()
+                log.warning(
+                    "replication: full sync: receiving a snapshot from the peer (this node "
+                    "held LSNs up to %d)",
+                    ev.last_lsn,
+                )
+            elif isinstance(ev, SnapshotChunk):
+                self.store.write_snapshot_file(ev.name, ev.offset, ev.data)
+                if link.sync_started is None:
+                    link.sync_started = self.clock()
+                link.sync_bytes += len(ev.data)
+                s.snapshot_written(ev.total)
+            else:
+                self.store.install_snapshot()
+                self._history_from_log()
+                self._snapshot_pending = False
+                self._save_meta()
+                log.warning(
+                    "replication: snapshot installed (LSNs up to %d); catching up (Inconsistent "
+                    "until done)",
+                    ev.lsn,
+                )
+                s.snapshot_installed(ev.lsn)
+        except (StoreError, OSError) as e:
+            if self._is_disk_error(e):
+                self._detach(link, e)
+                return
+            log.error("replication: receiving the snapshot failed: %s", e)
+            s.ingest_failed()
+
+    # -- disk errors: detach (DRBD's on-io-error=detach) -----------------------------------------
+
+    def _is_disk_error(self, e: BaseException) -> bool:
+        """An I/O failure of this node's disk (ENOSPC, EIO, ...), as opposed to frames the
+        store refused for what they are."""
+        return isinstance(e, OSError | StoreIOError) or self.store.state is StoreState.ERROR
+
+    def _detach(self, link: _Link | None, err: BaseException) -> None:
+        """This node's disk failed while it stored the peer's data: it becomes Diskless, tells
+        the peer (a STATE update, then REFUSE(INGEST)), and stays StandAlone — no reconnect
+        loop that would fail the same way. The primary applies its fencing policy to the lost
+        link. A restart with a working disk comes back Outdated and resyncs."""
+        log.error(
+            "replication: disk error on this node (%s): detaching (disk Diskless, DRBD's "
+            "on-io-error=detach); the link stays down until the node is restarted with a "
+            "working disk",
+            err,
+        )
+        self.disk = DiskState.DISKLESS
+        self._go_standalone(f"disk failed: {err}")
+        with contextlib.suppress(Exception):  # the disk may refuse this too
+            self._save_meta()
+        if link is not None:
+            link.session.disk_failed()
+            self._process(link)
+        for other in list(self._links):
+            if other is not link:
+                self._close_link(other, "disk-failed")
+
+    def _history_from_log(self) -> None:
+        """After a snapshot install the log's own generation history is the whole truth (no
+        mirrored range of ours survives: the snapshot came from the peer)."""
+        out: list[Generation] = []
+        for number, first, origin in self.store.generation_history():
+            if out and number <= out[-1].number:
+                continue
+            out.append(Generation(number, first, origin))
+        self.history = tuple(out)
+
+    async def _retain_loop(self) -> None:
+        while not self._stopping:
+            await asyncio.sleep(RETAIN_INTERVAL)
+            try:
+                self.apply_retention()
+            except Exception as e:  # never kills the node; retried next period
+                log.debug("replication: retention horizon not applied: %s", e)
+
+    def apply_retention(self) -> dict[str, object]:
+        """Drop the head of a primary's log down to ``replication.retain_bytes`` of newest
+        segments — never what a connected peer has not acknowledged (durable), nor the LSNs
+        a full sync in progress still needs. A disconnected peer does not hold the log back:
+        it gets a full sync when it returns."""
+        keep = self.settings.retain_bytes
+        before = self.store.first_retained_lsn
+        if self.roles.role is not Role.PRIMARY or keep <= 0:
+            return {"dropped_segments": 0, "first_retained_lsn": before}
+        limit = self.store.head_drop_point(keep)
+        peer_connected = False
+        for link in self._links:
+            s = link.session
+            if link.peer_id is None and s.phase is not Phase.CLOSED and link is not self._active:
+                continue  # not authenticated yet: not the peer
+            peer_connected = True
+            if s.phase not in (Phase.ESTABLISHED, Phase.SYNC_SOURCE) or link.snap_export:
+                return {"dropped_segments": 0, "first_retained_lsn": before, "held": True}
+            limit = min(limit, s.peer_durable + 1)
+        if not peer_connected:
+            # Nothing to keep for a peer that is away; compaction may reclaim below too.
+            self.store.retain_from = limit
+        if limit <= before:
+            return {"dropped_segments": 0, "first_retained_lsn": before}
+        n = self.store.drop_head(limit)
+        after = self.store.first_retained_lsn
+        if n:
+            log.info(
+                "replication: retention horizon: %d segment(s) dropped, the log starts at LSN %d",
+                n,
+                after,
+            )
+        return {"dropped_segments": n, "first_retained_lsn": after}
 
     # -- split-brain merge --------------------------------------------------------------------
 
@@ -1046,6 +1333,7 @@ class Replicator:
             sp[1].bytes,
             sp[1].path,
         )
+        self._merge_confirm[sp[1].path] = (link, ev.last_lsn)
         self._merge_ready.append((sp[1].path, link.peer_id or b""))
         self._maybe_start_merge()
 
@@ -1063,7 +1351,22 @@ class Replicator:
     async def _merge_loop(self) -> None:
         while self._merge_ready and self.roles.role is Role.PRIMARY and not self._stopping:
             path, peer = self._merge_ready.pop(0)
-            await self.run_merge(path, peer)
+            res = await self.run_merge(path, peer)
+            self._confirm_merge(path, "error" not in res)
+
+    def _confirm_merge(self, path: str, ok: bool) -> None:
+        """The merge of the branch spooled at ``path`` returned: every merge transaction is
+        durable (``commit_async``), so tell the loser (MERGE_DONE) that it may cut its branch.
+        A failed merge drops the link instead: the loser keeps its branch and ships it again
+        on reconnect, and the journal resumes the merge where it stopped."""
+        link, last = self._merge_confirm.pop(path, (None, 0))
+        if link is None or link.closed or link.session.phase is not Phase.MERGING:
+            return  # the loser reconnects and ships the branch again (merged: nothing replayed)
+        if ok:
+            link.session.merge_done(last)
+        else:
+            link.session.close("merge-failed")
+        self._process(link)
 
     async def run_merge(self, path: str, peer: bytes = b"") -> dict[str, object]:
         """Replay a spooled branch on this node's store (the primary); the spool is removed
@@ -1310,6 +1613,7 @@ class Replicator:
             peer_role=pv.role if pv is not None else None,
             peer_disk=self.peer_disk if link is not None else None,
             peer_last_lsn=pv.last_lsn if pv is not None else None,
+            snapshot_pending=self._snapshot_pending,
         )
 
     async def promote(
@@ -1406,6 +1710,10 @@ class Replicator:
     # -- admin commands ------------------------------------------------------------------------
 
     def connect(self) -> dict[str, object]:
+        if self.disk is DiskState.DISKLESS:
+            raise RoleError(
+                "this node is Diskless (its disk failed): restart it with a working disk"
+            )
         was = self.standalone
         self.standalone = False
         self.standalone_reason = ""
@@ -1460,13 +1768,23 @@ class Replicator:
             qdir = os.path.join(self.store.data_dir, "quarantine")
             os.makedirs(qdir, exist_ok=True)
             path = os.path.join(qdir, f"invalidate-{time.strftime('%Y%m%dT%H%M%S')}.log")
-            n = self.store.cut_tail(0, path)
+            if self.store.first_retained_lsn <= 1:
+                n = self.store.cut_tail(0, path)
+            else:
+                # The log's head was dropped (it came from a snapshot): a cut cannot rebuild the
+                # index without it. Copy the segments aside; the snapshot install replaces them,
+                # and until then this node presents an empty log to the peer (see `view`).
+                path = path[: -len(".log")]
+                shutil.copytree(os.path.join(self.store.data_dir, "log"), path)
+                n = self.store.last_lsn - self.store.first_retained_lsn + 1
             self.history = ()
             self.disk = DiskState.INCONSISTENT
+            self._want_full_sync = True
+            self._snapshot_pending = True  # not promotable until a snapshot is installed
             self._save_meta()
             log.warning(
-                "replication: invalidated: %d record(s) moved to %s; a full resync from the "
-                "peer follows",
+                "replication: invalidated: %d record(s) moved to %s; a full sync (snapshot) "
+                "from the peer follows",
                 n,
                 path,
             )
@@ -1488,6 +1806,8 @@ class Replicator:
         rstate = {
             Phase.SYNC_SOURCE: ReplicationState.SYNC_SOURCE,
             Phase.SYNC_TARGET: ReplicationState.SYNC_TARGET,
+            Phase.SNAPSHOT_SOURCE: ReplicationState.SYNC_SOURCE,  # a full sync
+            Phase.SNAPSHOT_TARGET: ReplicationState.SYNC_TARGET,
             Phase.ESTABLISHED: ReplicationState.ESTABLISHED,
         }.get(s.phase if s is not None else Phase.CLOSED, ReplicationState.OFF)
         last = self.store.last_lsn
@@ -1523,6 +1843,9 @@ class Replicator:
             "last_link_lost": self.last_link_lost,
             "standalone_reason": self.standalone_reason,
             "last_merge": self.last_merge,
+            "full_sync_wanted": self._want_full_sync,
+            "snapshot_pending": self._snapshot_pending,
+            "first_retained_lsn": self.store.first_retained_lsn,
         }
         if s is not None:
             if self.is_primary():
@@ -1538,6 +1861,9 @@ class Replicator:
 
     def _resync_status(self, link: _Link | None, s: ReplSession) -> dict[str, object]:
         now = self.clock()
+        if s.phase is Phase.SNAPSHOT_SOURCE:
+            total = link.snap_export.total_bytes if link and link.snap_export else 0
+            return {"full_sync_bytes_sent": s.stats_snapshot_bytes, "full_sync_total": total}
         if s.phase is Phase.SYNC_SOURCE:
             remaining = s.resync_remaining or 0
             total = max(1, self.store.last_lsn - (s.peer_durable or 0))

@@ -4,7 +4,8 @@ Theory of operation
 -------------------
 After a true split brain (both nodes acknowledged writes after the divergence LSN ``d``) under
 the ``merge`` policy, the loser ships the frames of its branch (LSNs ``d+1`` ..) to the winner
-(``rule:split-brain-merge``, repl/generations.py), then cuts them into quarantine and catches up.
+(``rule:split-brain-merge``, repl/generations.py); it cuts them into quarantine and catches up
+only once the winner answered MERGE_DONE (sent when :func:`merge_branch` returned).
 The winner's adapter spools the frames to a file (:class:`BranchSpool`, bounded memory) and calls
 :func:`merge_branch`, which never appends the loser's frames: it replays their *effects* in new
 store transactions, with the winner's allocation of GUIDs, UIDs and MODSEQs, so the winner's log
@@ -49,13 +50,22 @@ Invariants:
   the loser did not finish; a recipient the loser finished on an entry of the common prefix is
   marked done on the winner if still pending there.
 
-Not idempotent: a merge interrupted by a crash of the winner is not resumed (the loser's
-quarantine file and the spool keep the branch; see docs/replication.md).
+* **Resumable, nothing twice.** Progress goes to a journal (:class:`_Journal`,
+  ``<data>/merge-journal``, each line durable before the merge goes on): the branch's identity,
+  the winner's last LSN before the merge (the winner's side is read only up to it), then per
+  durable merge transaction the branch items it replayed and the mappings it made. A merge run
+  again on the same branch skips what is journalled; a transaction durable but not journalled
+  yet is recognized by the message GUID it kept (``deliver(msg_guid=)``) or by the GUID its
+  ``intent`` line named; the rest (collisions, flag deltas, expunges, renames, deletes) is
+  idempotent. A branch whose merge is ``done`` is not replayed at all.
+* **UIDL stable**: re-delivered messages keep their message GUID; UID and MODSEQ floors go
+  through ``Transaction.reserve`` (persisted by a RESERVE record).
 """
 
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import logging
 import os
@@ -78,6 +88,7 @@ from mailharbor.store.fsio import FileSystem, OsFileSystem, ReadableFile, Writab
 
 __all__ = [
     "AUDIT_FILE",
+    "JOURNAL_FILE",
     "RECOVERED",
     "BranchSpool",
     "MergeError",
@@ -89,6 +100,9 @@ log = logging.getLogger("mailharbor.merge")
 
 AUDIT_FILE = "merge-audit.log"
 """The audit log, in the data directory: one JSON object per line."""
+
+JOURNAL_FILE = "merge-journal"
+"""The merge's progress journal, in the data directory (see :class:`_Journal`)."""
 
 RECOVERED = "Recovered"
 """The folder that takes mail whose mailbox was deleted and whose name is now taken."""
@@ -276,13 +290,20 @@ class _Branch:
         self.blobs: dict[bytes, _BlobLoc] = {}
         self.chunks: dict[bytes, dict[int, _Loc]] = {}
         self.meta: dict[bytes, tuple[int, _Loc]] = {}
+        self.digest = ""  # SHA-256 of (LSN, kind, length, payload) of every frame
+        self.prefix_digest = ""  # of its first `prefix_frames` frames (a journal's branch)
 
-    def load(self, f: ReadableFile) -> None:
+    def load(self, f: ReadableFile, prefix_frames: int = 0) -> None:
+        h = hashlib.sha256()
         for hdr, payload, poff in _iter_spool(f):
             if not self.first_lsn:
                 self.first_lsn = hdr.lsn
             self.last_lsn = hdr.lsn
             self.frames += 1
+            h.update(struct.pack("<QBI", hdr.lsn, hdr.kind, len(payload)))
+            h.update(payload)
+            if self.frames == prefix_frames:
+                self.prefix_digest = h.hexdigest()
             if hdr.kind is fmt.FrameKind.HOLE:
                 self.holes += 1
                 continue
@@ -290,6 +311,7 @@ class _Branch:
                 self._frame(hdr.lsn, payload, poff)
             except fmt.FormatError as e:
                 raise MergeError(f"branch frame LSN {hdr.lsn}: {e}") from None
+        self.digest = h.hexdigest()
 
     def _frame(self, lsn: int, payload: bytes, poff: int) -> None:
         for typ, off, ln in fmt.iter_record_spans(payload):
@@ -355,6 +377,10 @@ class _Branch:
             if prefix:
                 flags = rec if isinstance(rec, fmt.Flags) else None
                 self.prefix_ops.append(_PrefixOp(lsn, rec.mailbox, tuple(prefix), flags))
+        elif isinstance(rec, fmt.Reserve):  # a floor the loser reserved (e.g. its own merge)
+            if rec.uidnext:
+                self.max_uid[rec.mailbox] = max(self.max_uid.get(rec.mailbox, 0), rec.uidnext - 1)
+            self._modseq(rec.mailbox, rec.highestmodseq)
         elif isinstance(rec, _STRUCTURAL):
             self.structural.append((lsn, rec))
             if isinstance(rec, fmt.MailboxCreate):
@@ -414,9 +440,11 @@ class _WinnerSide:
         self.aliases: set[str] = set()
         self.domains: set[str] = set()
 
-    def load(self, store: Store, after: int) -> None:
+    def load(self, store: Store, after: int, upto: int) -> None:
         for raw in store.read_frames(after + 1):
             hdr = fmt.decode_frame_header(raw)
+            if hdr.lsn > upto:
+                break  # the merge's own transactions (a resumed merge) are not the winner's
             if hdr.kind is not fmt.FrameKind.TXN:
                 continue
             payload = raw[fmt.FRAME_HEADER_SIZE :]
@@ -520,6 +548,94 @@ class _Audit:
         self._f.close()
 
 
+# --- the progress journal ---------------------------------------------------------------------
+
+
+class _Journal:
+    """The merge's progress, one JSON object per line, each made durable (fsio) before the
+    merge goes on: ``start`` (the branch's identity and the winner's last LSN before the
+    merge), ``unit`` (keys of branch items whose transaction is durable, with the map entries
+    it made), ``intent`` (a queue entry about to be added, named before its commit) and
+    ``done``. A torn last line (a crash while writing it) is ignored."""
+
+    def __init__(self, path: str, fs: FileSystem) -> None:
+        self.path = path
+        self.fs = fs
+        self.header: dict[str, object] | None = None
+        self.done_keys: set[str] = set()
+        self.intents: dict[str, str] = {}
+        self.maps: list[tuple[str, str, str]] = []  # (map, key hex, value hex or "")
+        self.finished: dict[str, object] | None = None
+        self._f: WritableFile | None = None
+
+    def load(self) -> None:
+        if not self.fs.exists(self.path):
+            return
+        f = self.fs.open_read(self.path)
+        try:
+            text = f.pread(f.size(), 0)
+        finally:
+            f.close()
+        for line in text.split(b"\n"):
+            try:
+                rec = json.loads(line)
+            except ValueError:
+                continue  # a torn last line
+            if not isinstance(rec, dict):
+                continue
+            kind = rec.get("t")
+            if kind == "start":
+                self.header = rec
+            elif kind == "unit":
+                self.done_keys.update(str(k) for k in rec.get("keys", ()))
+                self.maps += [(str(a), str(b), str(c)) for a, b, c in rec.get("maps", ())]
+            elif kind == "intent":
+                self.intents[str(rec.get("key"))] = str(rec.get("entry"))
+            elif kind == "done":
+                self.finished = rec
+
+    def begin(self, header: dict[str, object]) -> None:
+        """Start a new journal (replacing any other, atomically)."""
+        self.header = header
+        self.done_keys, self.intents, self.maps, self.finished = set(), {}, [], None
+        self.fs.write_atomic(self.path, json.dumps({"t": "start", **header}).encode() + b"\n")
+
+    def append(self, rec: dict[str, object]) -> None:
+        if self._f is None:
+            self._f = self.fs.open_append(self.path)
+        self._f.write(json.dumps(rec).encode() + b"\n")
+        self._f.sync()
+
+    def close(self) -> None:
+        if self._f is not None:
+            self._f.close()
+            self._f = None
+
+
+class _MapLog(dict[bytes, bytes | None]):
+    """A dict that remembers the entries set since the last `take` (journalled per unit)."""
+
+    def __init__(self, name: str) -> None:
+        super().__init__()
+        self.name = name
+        self.dirty: list[tuple[str, str, str]] = []
+
+    def __setitem__(self, k: bytes, v: bytes | None) -> None:
+        super().__setitem__(k, v)
+        self.dirty.append((self.name, k.hex(), v.hex() if v is not None else ""))
+
+
+class _SetLog(set[bytes]):
+    def __init__(self, name: str) -> None:
+        super().__init__()
+        self.name = name
+        self.dirty: list[tuple[str, str, str]] = []
+
+    def add(self, v: bytes) -> None:
+        super().add(v)
+        self.dirty.append((self.name, v.hex(), ""))
+
+
 # --- the report -------------------------------------------------------------------------------
 
 
@@ -536,6 +652,9 @@ class MergeReport:
     unresolved: int
     audit_path: str
     rules: dict[str, int] = field(default_factory=dict)
+    digest: str = ""  # of the branch's frames (the journal's identity of the branch)
+    resumed: bool = False  # a merge interrupted earlier was resumed (the journal)
+    already_merged: bool = False  # the journal says this branch was merged before: no replay
 
 
 # --- pass 3: the replay -----------------------------------------------------------------------
@@ -557,22 +676,12 @@ class _Item:
     lsn: int = 0
     detail: str = ""
     expunge_uid: int = 0  # a collision: the winner's message at this UID goes
+    key: str = ""  # the journal's name of this item
 
 
-def _raise_counters(store: Store, mailbox: bytes, uidnext: int, modseq: int) -> None:
-    """Make the next UID of ``mailbox`` at least ``uidnext`` and the next MODSEQ above
-    ``modseq`` for the transaction encoded next.
-
-    A workaround: the store has no API for it yet (an additive one, e.g. a transaction op
-    ``reserve(mailbox, uidnext, highestmodseq)`` that the encoder honours, belongs in store/).
-    The allocation counters are read at encode time and cleared once nothing is pending, so
-    this must run synchronously right before the commit; the caller checks the result."""
-    au: dict[bytes, int] = store._alloc_uid
-    am: dict[bytes, int] = store._alloc_modseq
-    if uidnext > au.get(mailbox, 0):
-        au[mailbox] = uidnext
-    if modseq > am.get(mailbox, 0):
-        am[mailbox] = modseq
+def _op_key(op: _PrefixOp) -> str:
+    kind = "x" if op.flags is None else "f"
+    return f"p:{op.lsn}:{op.mailbox.hex()}:{kind}:{','.join(map(str, op.uids))}"
 
 
 class _Merge:
@@ -584,6 +693,8 @@ class _Merge:
         winner: _WinnerSide,
         catalog: _Catalog,
         audit: _Audit,
+        journal: _Journal,
+        fault: Callable[[str], None] | None = None,
     ) -> None:
         self.st = store
         self.ix = store.index
@@ -592,10 +703,14 @@ class _Merge:
         self.w = winner
         self.catalog = catalog
         self.audit = audit
-        self.acct_map: dict[bytes, bytes | None] = {}
-        self.mb_map: dict[bytes, bytes | None] = {}
-        self.merge_accounts: set[bytes] = set()
-        self.merge_mailboxes: set[bytes] = set()
+        self.journal = journal
+        self._fault = fault
+        self.resumed = False
+        self.acct_map = _MapLog("acct")
+        self.mb_map = _MapLog("mb")
+        self.merge_accounts = _SetLog("macct")
+        self.merge_mailboxes = _SetLog("mmb")
+        self._guid_sets: dict[bytes, set[bytes]] = {}
         self.targets: dict[bytes, tuple[bytes | None, str, str]] = {}
         self.uid_floor: dict[bytes, int] = {}
         self.modseq_floor: dict[bytes, int] = {}
@@ -608,13 +723,83 @@ class _Merge:
         self._winner_new: dict[bytes, dict[bytes, list[int]]] = {}
         self._collided: dict[tuple[bytes, int], _Item] = {}
 
+    # -- the journal ---------------------------------------------------------------------------
+
+    def restore(self) -> None:
+        """Resume: the map entries an interrupted run journalled (done keys are looked up in
+        ``self.journal.done_keys`` as the passes go)."""
+        self.resumed = True
+        for key, entry in self.journal.intents.items():
+            # A creation whose commit was durable but whose map entry was not journalled.
+            kind, _, k = key.partition(":")
+            g = bytes.fromhex(entry)
+            if kind == "acct" and g in self.ix.accounts:
+                dict.__setitem__(self.acct_map, bytes.fromhex(k), g)
+                set.add(self.merge_accounts, g)
+            elif kind == "mb" and g in self.ix.mailboxes:
+                dict.__setitem__(self.mb_map, bytes.fromhex(k), g)
+                set.add(self.merge_mailboxes, g)
+            elif kind == "rec" and g in self.ix.mailboxes:
+                set.add(self.merge_mailboxes, g)
+        for name, k, v in self.journal.maps:
+            kb, val = bytes.fromhex(k), bytes.fromhex(v) if v else None
+            if name in ("acct", "mb"):
+                dmap: dict[bytes, bytes | None] = self.acct_map if name == "acct" else self.mb_map
+                dict.__setitem__(dmap, kb, val)
+            elif name in ("macct", "mmb"):
+                smap: set[bytes] = self.merge_accounts if name == "macct" else self.merge_mailboxes
+                set.add(smap, kb)
+
+    def _intent(self, key: str, created: list[bytes]) -> Callable[[], None]:
+        """Before the commit of a creation: journal the GUID it will have (see `restore`)."""
+
+        def note() -> None:
+            self.journal.append({"t": "intent", "key": key, "entry": created[0].hex()})
+
+        return note
+
+    def _done(self, key: str) -> bool:
+        return key in self.journal.done_keys
+
+    def _unit(self, keys: Sequence[str]) -> None:
+        """A transaction of the merge is durable: journal the branch items it replayed and the
+        map entries made since the last line (a fault hook on each side, for the tests)."""
+        if self._fault is not None:
+            self._fault("committed")
+        dirty = []
+        for m in (self.acct_map, self.mb_map, self.merge_accounts, self.merge_mailboxes):
+            dirty += m.dirty
+            m.dirty = []
+        if keys or dirty:
+            self.journal.append(
+                {"t": "unit", "keys": list(keys), "lsn": self.st.last_lsn, "maps": dirty}
+            )
+            self.journal.done_keys.update(keys)
+        if self._fault is not None:
+            self._fault("journaled")
+
+    def _has_guid(self, g: bytes, msg_guid: bytes) -> bool:
+        """Resume only: does mailbox ``g`` hold a message with this GUID (a re-delivery whose
+        commit was durable but not yet journalled when the winner stopped)?"""
+        got = self._guid_sets.get(g)
+        if got is None:
+            mb = self.ix.mailboxes.get(g)
+            got = set() if mb is None else {mb.msg_guid(i) for i in range(len(mb))}
+            self._guid_sets[g] = got
+        return msg_guid in got
+
     # -- helpers -------------------------------------------------------------------------------
 
     def _check_store(self) -> None:
         if self.st.state is not StoreState.OPEN:
             raise MergeError(f"the store is {self.st.state.value}: merge stopped")
 
-    async def _run(self, what: str, build: Callable[[Transaction], None]) -> bool:
+    async def _run(
+        self,
+        what: str,
+        build: Callable[[Transaction], None],
+        before_commit: Callable[[], None] | None = None,
+    ) -> bool:
         """One transaction; a refusal is audited (``merge:skipped``) and returns False."""
         self._check_store()
         t = self.st.transaction()
@@ -624,6 +809,8 @@ class _Merge:
             t.abort()
             self.audit("merge:skipped", what=what, error=str(e))
             return False
+        if before_commit is not None:
+            before_commit()
         try:
             await t.commit_async()
         except StoreError as e:
@@ -660,21 +847,28 @@ class _Merge:
     # -- structural ----------------------------------------------------------------------------
 
     async def structural(self) -> None:
-        for lsn, rec in self.b.structural:
-            if isinstance(rec, fmt.AccountPut):
-                await self._account_put(lsn, rec)
-            elif isinstance(rec, fmt.AccountDelete):
-                await self._account_delete(lsn, rec)
-            elif isinstance(rec, fmt.MailboxCreate):
-                await self._mailbox_create(lsn, rec)
-            elif isinstance(rec, fmt.MailboxRename):
-                await self._mailbox_rename(lsn, rec)
-            elif isinstance(rec, fmt.MailboxDelete):
-                await self._mailbox_delete(lsn, rec)
-            elif isinstance(rec, fmt.Subscribe):
-                await self._subscribe(lsn, rec)
-            else:
-                await self._global(lsn, rec)
+        for i, (lsn, rec) in enumerate(self.b.structural):
+            key = f"s:{lsn}:{i}"
+            if self._done(key):
+                continue
+            await self._structural(lsn, rec)
+            self._unit([key])
+
+    async def _structural(self, lsn: int, rec: fmt.Record) -> None:
+        if isinstance(rec, fmt.AccountPut):
+            await self._account_put(lsn, rec)
+        elif isinstance(rec, fmt.AccountDelete):
+            await self._account_delete(lsn, rec)
+        elif isinstance(rec, fmt.MailboxCreate):
+            await self._mailbox_create(lsn, rec)
+        elif isinstance(rec, fmt.MailboxRename):
+            await self._mailbox_rename(lsn, rec)
+        elif isinstance(rec, fmt.MailboxDelete):
+            await self._mailbox_delete(lsn, rec)
+        elif isinstance(rec, fmt.Subscribe):
+            await self._subscribe(lsn, rec)
+        else:
+            await self._global(lsn, rec)
 
     async def _subscribe(self, lsn: int, rec: fmt.Subscribe) -> None:
         a = self._account(rec.account)
@@ -773,6 +967,7 @@ class _Merge:
         ok = await self._run(
             "account create",
             lambda t: created.append(t.add_account(addr, rec.password_hash, rec.quota_bytes)),
+            self._intent(f"acct:{g.hex()}", created),
         )
         if not ok or not created:
             self.acct_map[g] = None
@@ -831,7 +1026,9 @@ class _Merge:
         created: list[bytes] = []
         su = rec.special_use
         if await self._run(
-            "mailbox create", lambda t: created.append(t.create_mailbox(a, name, su))
+            "mailbox create",
+            lambda t: created.append(t.create_mailbox(a, name, su)),
+            self._intent(f"mb:{lm.hex()}", created),
         ):
             self.mb_map[lm] = created[0]
             self.merge_mailboxes.add(created[0])
@@ -987,7 +1184,9 @@ class _Merge:
             )
         created: list[bytes] = []
         if not await self._run(
-            "mailbox recreate", lambda t: created.append(t.create_mailbox(a, name, su))
+            "mailbox recreate",
+            lambda t: created.append(t.create_mailbox(a, name, su)),
+            self._intent(f"mb:{lm.hex()}", created),
         ):
             rec_mb = await self._recovered(a)
             if rec_mb is None:
@@ -1011,7 +1210,9 @@ class _Merge:
             return mb.guid
         created: list[bytes] = []
         if await self._run(
-            "Recovered create", lambda t: created.append(t.create_mailbox(a, RECOVERED))
+            "Recovered create",
+            lambda t: created.append(t.create_mailbox(a, RECOVERED)),
+            self._intent(f"rec:{a.hex()}", created),
         ):
             self.merge_mailboxes.add(created[0])
             self.audit("merge:recovered-folder-created", account=a, mailbox=created[0])
@@ -1112,6 +1313,7 @@ class _Merge:
                         detail="both sides gave this UID to different messages: the winner's "
                         "is expunged and re-delivered under a fresh UID",
                         expunge_uid=u,
+                        key=f"c:{g.hex()}:{u}",
                     )
                 )
         return out
@@ -1144,6 +1346,9 @@ class _Merge:
         for m in self.b.order:
             if m.gone:
                 continue
+            key = f"d:{m.mailbox.hex()}:{m.uid}"
+            if self._done(key):
+                continue  # re-delivered before the winner stopped (the journal)
             la = self._loser_account_of(m.mailbox)
             if m.mailbox in self.b.deleted_mailboxes:
                 m.gone = "its mailbox was deleted on the loser"
@@ -1160,6 +1365,8 @@ class _Merge:
                 )
                 continue
             g, rule, detail = await self._target(m.mailbox)
+            if any(x.dirty for x in (self.acct_map, self.mb_map, self.merge_mailboxes)):
+                self._unit([])  # what _target created: journalled before mail goes there
             if g is None:
                 self.unresolved += 1
                 self.audit(
@@ -1170,6 +1377,16 @@ class _Merge:
                     old_uid=m.uid,
                     blob=m.blob,
                     detail=detail,
+                )
+                continue
+            if self.resumed and self._has_guid(g, m.guid):
+                self.audit(
+                    "merge:resume-already-delivered",
+                    lsn=m.lsn,
+                    mailbox=g,
+                    message=m.guid,
+                    old_uid=m.uid,
+                    detail="re-delivered before the winner stopped (durable, not yet journalled)",
                 )
                 continue
             same = self._same_message(g, m)
@@ -1207,6 +1424,7 @@ class _Merge:
                     m.guid,
                     m.lsn,
                     detail,
+                    key=key,
                 )
             )
         batch: list[_Item] = []
@@ -1245,6 +1463,12 @@ class _Merge:
         done: set[bytes] = set()
         results = []
         try:
+            for g in dict.fromkeys(it.target for it in items):
+                # The floors (above the loser's UIDs and MODSEQs) go first: they bind every
+                # delivery of this transaction, and persist even if the merge stops here.
+                t.reserve(
+                    g, uidnext=self.uid_floor.get(g, 0), highestmodseq=self.modseq_floor.get(g, 0)
+                )
             for it in items:
                 if it.expunge_uid:
                     mb = self.ix.mailboxes.get(it.target)
@@ -1275,6 +1499,7 @@ class _Merge:
                         flags=it.flags,
                         keywords=it.keywords if keywords else (),
                         internaldate_ms=it.idate,
+                        msg_guid=it.old_guid,  # the same UIDL on both sides of the merge
                     )
                 )
                 if it.expunge_uid:
@@ -1282,14 +1507,13 @@ class _Merge:
         except (StoreError, LookupError):
             t.abort()
             return False
-        for g in {it.target for it in items}:
-            _raise_counters(self.st, g, self.uid_floor.get(g, 0), self.modseq_floor.get(g, 0))
         try:
             await t.commit_async()
         except StoreError as e:
             self._check_store()
             log.info("merge: a delivery batch was refused (%s); retrying one by one", e)
             return False
+        self._unit([it.key for it in items if it.key])
         for it, d in zip(items, results, strict=True):
             new_uid = d.uids[it.target]
             mb = self.ix.mailboxes.get(it.target)
@@ -1303,7 +1527,7 @@ class _Merge:
                     mailbox=it.target,
                     new_uid=new_uid,
                     floor=floor,
-                    detail="a concurrent change cleared the UID floor",
+                    detail="the store gave a UID below the floor (a bug)",
                 )
             if it.expunge_uid:
                 self.collisions += 1
@@ -1329,6 +1553,7 @@ class _Merge:
 
     async def prefix_ops(self) -> None:
         ops = sorted(self.b.prefix_ops + self.extra_ops, key=lambda o: o.lsn)
+        ops = [o for o in ops if not self._done(_op_key(o))]
         for i in range(0, len(ops), BATCH_CHANGES):
             await self._ops_batch(ops[i : i + BATCH_CHANGES])
 
@@ -1378,6 +1603,8 @@ class _Merge:
         t = self.st.transaction()
         changes = []
         try:
+            for g in dict.fromkeys(op.mailbox for op, _ in live):
+                t.reserve(g, highestmodseq=self.modseq_floor.get(g, 0))
             for op, uids in live:
                 f = op.flags
                 if f is None:
@@ -1396,13 +1623,12 @@ class _Merge:
         except StoreError:
             t.abort()
             return False
-        for g in {op.mailbox for op, _ in live}:
-            _raise_counters(self.st, g, 0, self.modseq_floor.get(g, 0))
         try:
             await t.commit_async()
         except StoreError:
             self._check_store()
             return False
+        self._unit([_op_key(op) for op, _ in live])
         for (op, _uids), c in zip(live, changes, strict=True):
             if not c.uids:
                 continue
@@ -1429,6 +1655,13 @@ class _Merge:
 
     async def queue(self) -> None:
         for q in sorted(self.b.queue_new.values(), key=lambda q: q.lsn):
+            qkey = f"q:{q.entry.hex()}"
+            if self._done(qkey):
+                continue
+            was = self.journal.intents.get(qkey)
+            if was is not None and bytes.fromhex(was) in self.ix.queue:
+                self._unit([qkey])  # added before the winner stopped, not yet journalled
+                continue
             if not q.recipients:
                 self.audit(
                     "merge:queue-done-on-loser",
@@ -1452,7 +1685,11 @@ class _Merge:
                     raise InvalidArgument("the queued body is missing on both sides") from None
                 added.append(t.queue_add(q.blob, q.sender, q.recipients, q.params))
 
-            if await self._run("queue add", build):
+            def intent(qkey: str = qkey, added: list[bytes] = added) -> None:
+                self.journal.append({"t": "intent", "key": qkey, "entry": added[0].hex()})
+
+            if await self._run("queue add", build, intent):
+                self._unit([qkey])
                 self.audit(
                     "merge:queue-add",
                     lsn=q.lsn,
@@ -1520,17 +1757,29 @@ async def merge_branch(
     *,
     loser: bytes = b"",
     audit_path: str | None = None,
+    journal_path: str | None = None,
     clock: Callable[[], float] = time.time,
+    fault: Callable[[str], None] | None = None,
 ) -> MergeReport:
     """Replay the losing branch in ``spool_path`` (frames as :class:`BranchSpool` writes them,
     LSNs ``d+1`` ..) on ``store``, the winner, which must be open and writable (its primary).
     Returns the report; every decision is in the audit log (default ``<data>/merge-audit.log``).
+
+    Resumable: progress goes to the journal (default ``<data>/merge-journal``); called again
+    with the same branch (or a longer one starting with it) after the winner stopped, it
+    replays only what the journal does not name as done; with the same branch after a merge
+    that finished, it replays nothing (``already_merged``). ``fault`` (tests) is called after
+    each durable merge transaction ("committed") and after its journal line ("journaled").
     Raises MergeError if the spool is damaged or the store fails."""
     fs = store.fs
+    journal = _Journal(journal_path or os.path.join(store.data_dir, JOURNAL_FILE), fs)
+    journal.load()
+    jh = journal.header or {}
+    jframes = int(str(jh.get("frames", 0)))
     spool = fs.open_read(spool_path)
     try:
         branch = _Branch()
-        branch.load(spool)
+        branch.load(spool, prefix_frames=jframes)
         if not branch.frames:
             raise MergeError("the branch is empty")
         d = branch.first_lsn - 1
@@ -1538,21 +1787,78 @@ async def merge_branch(
             raise MergeError(
                 f"the branch starts at LSN {d + 1}, after this log's end ({store.last_lsn})"
             )
-        winner = _WinnerSide()
-        winner.load(store, d)
-        merge_id = f"{int(clock())}-{os.urandom(4).hex()}"
-        audit = _Audit(audit_path or os.path.join(store.data_dir, AUDIT_FILE), fs, merge_id, clock)
-        m = _Merge(store, spool, branch, winner, _Catalog(store, d), audit)
-        try:
-            audit(
-                "merge:start",
-                loser=loser or None,
-                divergence_lsn=d,
-                branch=[branch.first_lsn, branch.last_lsn],
-                frames=branch.frames,
-                messages=len(branch.order),
-                winner_last_lsn=store.last_lsn,
+        same = (
+            jframes > 0
+            and jh.get("d") == d
+            and branch.frames >= jframes
+            and branch.prefix_digest == jh.get("digest")
+        )
+        ident: dict[str, object] = {
+            "d": d,
+            "first": branch.first_lsn,
+            "last": branch.last_lsn,
+            "frames": branch.frames,
+            "digest": branch.digest,
+        }
+        audit_file = audit_path or os.path.join(store.data_dir, AUDIT_FILE)
+        fin = journal.finished
+        if same and fin is not None and branch.frames == jframes:
+            log.warning(
+                "merge: branch LSNs %d-%d of %s was merged before (merge %s): nothing replayed",
+                branch.first_lsn,
+                branch.last_lsn,
+                loser.hex() or "the peer",
+                jh.get("merge"),
             )
+            return MergeReport(
+                str(jh.get("merge", "")),
+                d,
+                branch.first_lsn,
+                branch.last_lsn,
+                branch.frames,
+                0,
+                0,
+                0,
+                0,
+                audit_file,
+                digest=branch.digest,
+                already_merged=True,
+            )
+        if same:
+            merge_id = str(jh.get("merge", ""))
+            winner_last = int(str(jh.get("winner_last", store.last_lsn)))
+            if branch.frames > jframes:  # the loser wrote more since: the same journal goes on
+                journal.append({"t": "start", **jh, **ident})
+        else:
+            merge_id = f"{int(clock())}-{os.urandom(4).hex()}"
+            winner_last = store.last_lsn
+            journal.begin({**ident, "merge": merge_id, "winner_last": winner_last})
+        winner = _WinnerSide()
+        winner.load(store, d, winner_last)
+        audit = _Audit(audit_file, fs, merge_id, clock)
+        m = _Merge(store, spool, branch, winner, _Catalog(store, d), audit, journal, fault=fault)
+        try:
+            if same:
+                m.restore()
+                audit(
+                    "merge:resume",
+                    loser=loser or None,
+                    divergence_lsn=d,
+                    branch=[branch.first_lsn, branch.last_lsn],
+                    done=len(journal.done_keys),
+                    winner_last_lsn=winner_last,
+                    detail="a merge interrupted on the winner goes on from its journal",
+                )
+            else:
+                audit(
+                    "merge:start",
+                    loser=loser or None,
+                    divergence_lsn=d,
+                    branch=[branch.first_lsn, branch.last_lsn],
+                    frames=branch.frames,
+                    messages=len(branch.order),
+                    winner_last_lsn=store.last_lsn,
+                )
             if branch.holes:
                 audit(
                     "merge:hole",
@@ -1571,8 +1877,11 @@ async def merge_branch(
                 changes=m.changes,
                 unresolved=m.unresolved,
             )
+            # Every merge transaction is durable (commit_async returned): the branch is merged.
+            journal.append({"t": "done", "lsn": store.last_lsn, "digest": branch.digest})
         finally:
             audit.close()
+            journal.close()
         log.warning(
             "merge %s: branch LSNs %d-%d of %s: %d message(s) re-delivered, %d UID "
             "collision(s), %d change(s), %d unresolved; audit in %s",
@@ -1598,6 +1907,8 @@ async def merge_branch(
             m.unresolved,
             audit.path,
             dict(audit.counts),
+            digest=branch.digest,
+            resumed=same,
         )
     finally:
         spool.close()

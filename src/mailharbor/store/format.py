@@ -198,6 +198,7 @@ class RecordType(IntEnum):
     MIME_META = 19
     HOLE = 20
     RECLAIMED = 21
+    RESERVE = 22
 
 
 class _W:
@@ -717,6 +718,26 @@ class Reclaimed:
         return cls(orig, head, r.u64())
 
 
+@dataclass(frozen=True, slots=True)
+class Reserve:
+    """Allocation floors of one mailbox: its UIDNEXT becomes at least ``uidnext`` and its
+    HIGHESTMODSEQ at least ``highestmodseq`` (0: that counter is left as it is). Written by
+    `Transaction.reserve` so that a floor persists even when nothing is delivered; applying it
+    never lowers a counter."""
+
+    TYPE: ClassVar[RecordType] = RecordType.RESERVE
+    mailbox: bytes
+    uidnext: int
+    highestmodseq: int
+
+    def encode(self) -> bytes:
+        return _W().raw(self.mailbox, GUID_LEN).u32(self.uidnext).u64(self.highestmodseq).done()
+
+    @classmethod
+    def decode(cls, r: _R) -> Reserve:
+        return cls(r.raw(GUID_LEN), r.u32(), r.u64())
+
+
 Record: TypeAlias = (
     Blob
     | Chunk
@@ -739,6 +760,7 @@ Record: TypeAlias = (
     | MimeMeta
     | Hole
     | Reclaimed
+    | Reserve
 )
 
 _DECODERS: dict[int, type[Record]] = {
@@ -765,6 +787,7 @@ _DECODERS: dict[int, type[Record]] = {
         MimeMeta,
         Hole,
         Reclaimed,
+        Reserve,
     )
 }
 

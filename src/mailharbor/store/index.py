@@ -636,6 +636,11 @@ class Index:
                 s = self.blobs.slot(q.blob)
                 if s is not None:
                     self.blobs.unref(s)
+        elif isinstance(rec, fmt.Reserve):
+            mb = self.mailboxes.get(rec.mailbox)
+            if mb is not None:
+                mb.uidnext = max(mb.uidnext, rec.uidnext)
+                mb.highestmodseq = max(mb.highestmodseq, rec.highestmodseq)
         elif isinstance(rec, fmt.Hole):
             pass
         else:  # BLOB/CHUNK/MIME_META are handled in apply_frame

@@ -94,6 +94,7 @@ class OpDeliver:
     keywords: tuple[str, ...]
     internaldate_ms: int | None
     result: Delivery
+    msg_guid: bytes | None = None  # kept (one mailbox only), else a new GUID
 
 
 @dataclass(frozen=True, slots=True)
@@ -113,6 +114,16 @@ class OpExpunge:
     mailbox: bytes
     uids: tuple[int, ...]
     result: Change
+
+
+@dataclass(frozen=True, slots=True)
+class OpReserve:
+    """Allocation floors: the mailbox's next UID >= ``uidnext``, next MODSEQ > ``highestmodseq``
+    (for operations encoded after it, in this transaction and later ones)."""
+
+    mailbox: bytes
+    uidnext: int
+    highestmodseq: int
 
 
 @dataclass(frozen=True, slots=True)
@@ -212,6 +223,7 @@ Op: TypeAlias = (
     OpDeliver
     | OpFlags
     | OpExpunge
+    | OpReserve
     | OpMailboxCreate
     | OpMailboxRename
     | OpMailboxDelete
@@ -367,6 +379,8 @@ class Encoder:
             self._deliver(op)
         elif isinstance(op, OpFlags | OpExpunge):
             self._change(op)
+        elif isinstance(op, OpReserve):
+            self._reserve(op)
         elif isinstance(op, OpMailboxCreate):
             self._create_mailbox(op.account, op.name, op.special_use, op.guid)
         elif isinstance(op, OpMailboxRename):
@@ -457,7 +471,8 @@ class Encoder:
         for g in op.mailboxes:
             mb = self._mailbox(g)
             self._check_keywords(mb, op.keywords)
-            uid, modseq, mg = self._next_uid(mb), self._next_modseq(mb), new_guid()
+            mg = op.msg_guid if op.msg_guid is not None else new_guid()
+            uid, modseq = self._next_uid(mb), self._next_modseq(mb)
             targets.append(fmt.Target(g, mg, uid, modseq))
             op.result.uids[g], op.result.msg_guids[g], op.result.modseqs[g] = uid, mg, modseq
         nb = self._new_blobs.get(op.blob)
@@ -466,6 +481,23 @@ class Encoder:
         self.records.append(
             fmt.Deliver(op.blob, idate, size, op.flags, op.keywords, tuple(targets))
         )
+
+    def _reserve(self, op: OpReserve) -> None:
+        """Raise the allocation floors (never lower them); the RESERVE record makes them
+        persist (see docs/store.md) and is written only when it raises something."""
+        mb = self._mailbox(op.mailbox)
+        g = mb.guid
+        cur_uid = max(self.new_uid.get(g) or self._base_uid.get(g, 0), mb.uidnext)
+        cur_mod = max(self.new_modseq.get(g) or self._base_modseq.get(g, 0), mb.highestmodseq)
+        uidnext = op.uidnext if op.uidnext > cur_uid else 0
+        modseq = op.highestmodseq if op.highestmodseq > cur_mod else 0
+        if not uidnext and not modseq:
+            return
+        if uidnext:
+            self.new_uid[g] = uidnext
+        if modseq:
+            self.new_modseq[g] = modseq
+        self.records.append(fmt.Reserve(g, uidnext, modseq))
 
     def _change(self, op: OpFlags | OpExpunge) -> None:
         mb = self._mailbox(op.mailbox)

@@ -117,6 +117,7 @@ from mailharbor.store.ops import (
     OpQueueAdd,
     OpQueueAttempt,
     OpQueueDone,
+    OpReserve,
     OpSubscribe,
     StoreError,
     new_guid,
@@ -430,17 +431,43 @@ class Transaction:
         flags: int = 0,
         keywords: Sequence[str] = (),
         internaldate_ms: int | None = None,
+        msg_guid: bytes | None = None,
     ) -> Delivery:
-        """Deliver blob `blob` into each mailbox (one record, one stored body)."""
+        """Deliver blob `blob` into each mailbox (one record, one stored body).
+
+        `msg_guid` keeps a message's GUID (its POP3 UIDL) when it is delivered again, e.g. by
+        the split-brain merge; it needs exactly one mailbox (by default each mailbox entry
+        gets a new GUID)."""
         if not mailboxes:
             raise InvalidArgument("a delivery needs at least one mailbox")
         if len(set(mailboxes)) != len(mailboxes):
             raise InvalidArgument("a mailbox is named twice in one delivery")
+        if msg_guid is not None and (len(msg_guid) != fmt.GUID_LEN or len(mailboxes) != 1):
+            raise InvalidArgument("a kept message GUID is 16 bytes, for one mailbox")
         d = Delivery()
         self._ops.append(
-            OpDeliver(blob, tuple(mailboxes), flags & 0xFF, tuple(keywords), internaldate_ms, d)
+            OpDeliver(
+                blob,
+                tuple(mailboxes),
+                flags & 0xFF,
+                tuple(keywords),
+                internaldate_ms,
+                d,
+                None if msg_guid is None else bytes(msg_guid),
+            )
         )
         return d
+
+    def reserve(self, mailbox: bytes, *, uidnext: int = 0, highestmodseq: int = 0) -> None:
+        """Allocation floors for `mailbox`: UIDs given after this operation (in this
+        transaction and later ones) are >= `uidnext`, MODSEQs are > `highestmodseq`. Never
+        lowers a counter. The floors are logged (a RESERVE record, only if they raise
+        something), so they persist across a restart even when nothing is delivered."""
+        if not 0 <= uidnext <= 0xFFFFFFFF:
+            raise InvalidArgument("uidnext out of range")
+        if not 0 <= highestmodseq < 1 << 63:
+            raise InvalidArgument("highestmodseq out of range")
+        self._ops.append(OpReserve(mailbox, uidnext, highestmodseq))
 
     def store_flags(
         self,
@@ -1851,8 +1878,9 @@ class Store:
     @property
     def first_retained_lsn(self) -> int:
         """The lowest LSN whose frame `read_frames` can still yield (1 unless the head of the log
-        was ever dropped; nothing drops it yet). A peer that needs an older LSN needs a full
-        sync. Frames below `retain_from` may be compacted, which leaves them shippable."""
+        was dropped by `drop_head`, the retention horizon, or the log came from a snapshot). A
+        peer that needs an older LSN needs a full sync. Frames below `retain_from` may be
+        compacted, which leaves them shippable."""
         if not self._segments:
             return 1
         return self._segments[min(self._segments)].first_lsn
@@ -2215,6 +2243,19 @@ class Store:
                 self.first_retained_lsn,
             )
         return removed
+
+    def head_drop_point(self, keep_bytes: int) -> int:
+        """The LSN to pass to `drop_head` to keep at least `keep_bytes` of the newest segments:
+        the first LSN of the newest segment at which their sizes reach `keep_bytes` (the
+        active segment always counts). `first_retained_lsn` when nothing would go."""
+        self._check_thread()
+        segs = sorted(self._segments, reverse=True)
+        kept = 0
+        for segno in segs:
+            kept += self._segment_size(segno)
+            if kept >= keep_bytes:
+                return self._segments[segno].first_lsn
+        return self.first_retained_lsn
 
     def export_snapshot(self) -> SnapshotExport:
         """A consistent snapshot of the applied state for a full sync: a checkpoint of the

@@ -1,0 +1,132 @@
+"""Full sync between two real ``mailharbor serve`` processes: the retention horizon and
+``repl invalidate``.
+
+Node B (secondary) is stopped; node A (primary, ``replication.retain_bytes`` tiny, 1 MiB
+segments) receives mail, part of which is deleted and compacted away, so A drops the head of
+its log past what B holds. B restarted is behind the horizon: it receives a snapshot, installs
+it and catches up (Inconsistent until done). ``repl invalidate`` then forces a second full
+sync. Finally A stops and B is promoted: every message acknowledged (and not deleted) is there.
+"""
+
+from __future__ import annotations
+
+import poplib
+import secrets
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+
+from servenode import ServeNode, free_port
+from test_repl_nodes import PASSWORD, USER, in_sync, pop3_message_ids, send, status, wait_for
+
+
+class FullSyncPair:
+    def __init__(self, tag: str) -> None:
+        secret = secrets.token_hex(16)
+        self.repl = {"a": free_port(), "b": free_port()}
+        self.smtp = {"a": free_port(), "b": free_port()}
+        self.pop3 = {"a": free_port(), "b": free_port()}
+        self.nodes: dict[str, ServeNode] = {}
+        for me, peer, role in (("a", "b", "primary"), ("b", "a", "secondary")):
+            settings: dict[str, dict[str, Any]] = {
+                "smtp": {"mx": [f"127.0.0.1:{self.smtp[me]}"]},
+                "pop3": {"listen": [f"127.0.0.1:{self.pop3[me]}"], "allow_plaintext_auth": True},
+                "store": {"segment_bytes": "1MiB", "chunk_bytes": "64KiB"},
+                "replication": {
+                    "peer": f"127.0.0.1:{self.repl[peer]}",
+                    "listen": f"127.0.0.1:{self.repl[me]}",
+                    "secret": secret,
+                    "role": role,
+                    "ping_interval": "300ms",
+                    "ping_timeout": "1s",
+                    "ack_timeout": "3s",
+                    "retain_bytes": "1",
+                },
+            }
+            self.nodes[me] = ServeNode(f"fullsync-{tag}-{me}", settings)
+        self.a.cli("domain", "add", "example.org")
+        self.a.add_account(USER, PASSWORD)
+
+    @property
+    def a(self) -> ServeNode:
+        return self.nodes["a"]
+
+    @property
+    def b(self) -> ServeNode:
+        return self.nodes["b"]
+
+
+@pytest.fixture
+def fpair(request: pytest.FixtureRequest) -> Iterator[FullSyncPair]:
+    p = FullSyncPair(secrets.token_hex(3))
+    try:
+        yield p
+        rep = getattr(request.node, "rep_call", None)
+        if rep is None or rep.failed:
+            for name, n in p.nodes.items():
+                print(f"=== log of {name}\n{n.log[-12000:]}")
+    finally:
+        for n in p.nodes.values():
+            n.cleanup()
+
+
+def _delete_all(port: int) -> None:
+    p = poplib.POP3("127.0.0.1", port, timeout=30)
+    try:
+        p.user(USER)
+        p.pass_(PASSWORD)
+        for i in range(1, len(p.list()[1]) + 1):
+            p.dele(i)
+    finally:
+        p.quit()
+
+
+@pytest.mark.slow
+def test_behind_the_horizon_full_sync_then_invalidate_then_failover(
+    fpair: FullSyncPair,
+) -> None:
+    a, b = fpair.a, fpair.b
+    a.start()
+    b.start(wait_ports=False)
+    wait_for(lambda: in_sync(a, b), 30, "B in sync with A")
+    b_last = status(b)["durable_lsn"]
+    b.stop()
+    # A alone: big mail that is deleted again (its segments become dead), then kept mail
+    for i in range(3):
+        assert send(fpair.smtp["a"], f"big-{i}@fs.test", 900_000)
+    _delete_all(fpair.pop3["a"])
+    kept = [f"kept-{i}@fs.test" for i in range(4)]
+    for mid in kept[:2]:
+        assert send(fpair.smtp["a"], mid, 3_000)
+
+    def dropped() -> bool:
+        a.cli("store", "compact")
+        return bool(int(status(a)["first_retained_lsn"]) > int(b_last) + 1)
+
+    wait_for(dropped, 30, "A dropped the head of its log past B's last LSN")
+    # B comes back behind the horizon: a full sync, then the catch-up
+    b.start(wait_ports=False)
+    wait_for(lambda: in_sync(a, b), 60, "B in sync with A after a full sync")
+    assert "rule:behind-retention-horizon" in status(b)["last_decision"] or (
+        "behind-retention-horizon" in b.log
+    )
+    assert "snapshot installed" in b.log
+    assert int(status(b)["first_retained_lsn"]) > 1
+    for mid in kept[2:3]:
+        assert send(fpair.smtp["a"], mid, 3_000)
+    wait_for(lambda: in_sync(a, b), 30, "B follows the live stream")
+    # repl invalidate: a full sync again (even though A holds what B needs)
+    out = b.cli("repl", "invalidate")
+    assert "quarantine" in out
+    wait_for(lambda: in_sync(a, b), 60, "B in sync again after invalidate")
+    assert b.log.count("replication: snapshot installed") == 2
+    assert status(b)["full_sync_wanted"] is False
+    assert send(fpair.smtp["a"], kept[3], 3_000)
+    wait_for(lambda: in_sync(a, b), 30, "B has the last message")
+    # failover: every acknowledged (and not deleted) message is on B
+    a.stop()
+    wait_for(lambda: status(b)["connection"] != "Connected", 20, "B sees A gone")
+    b.cli("repl", "primary")
+    wait_for(lambda: status(b)["role"] == "Primary", 20, "B promoted")
+    wait_for(lambda: sorted(pop3_message_ids(fpair.pop3["b"])) == sorted(kept), 30, "mail on B")
