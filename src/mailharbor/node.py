@@ -476,20 +476,11 @@ class Node:
             tls = server_context(self.config.tls.cert, self.config.tls.key)
         except (OSError, ssl.SSLError) as e:
             log.warning("TLS certificate unusable, STARTTLS not offered: %s", e)
-
-        def lookup(account: str) -> str | None:
-            acct = store.index.account_by_address(account)
-            return acct.password_hash if acct is not None else None
-
-        self.authenticator = Authenticator(
-            lookup,
-            max_concurrent_checks=self.config.auth.max_concurrent_checks,
-            cache_seconds=self.config.auth.cache_seconds,
-        )
+        authenticator = self._authenticator(store)
         hostname = self.config.node.hostname
         services = SmtpServices(
             delivery=LocalDelivery(store, hostname, postmaster=cfg.postmaster),
-            authenticator=self.authenticator,
+            authenticator=authenticator,
             options=SmtpOptions(
                 hostname=hostname,
                 max_message_size=cfg.max_message_size,
@@ -524,20 +515,10 @@ class Node:
             if cfg.listen_tls:
                 raise
             log.warning("TLS certificate unusable, STLS not offered: %s", e)
-        if self.authenticator is None:
-
-            def lookup(account: str) -> str | None:
-                acct = store.index.account_by_address(account)
-                return acct.password_hash if acct is not None else None
-
-            self.authenticator = Authenticator(
-                lookup,
-                max_concurrent_checks=self.config.auth.max_concurrent_checks,
-                cache_seconds=self.config.auth.cache_seconds,
-            )
+        authenticator = self._authenticator(store)
         services = Pop3Services(
             store=store,
-            authenticator=self.authenticator,
+            authenticator=authenticator,
             options=Pop3Options(
                 hostname=self.config.node.hostname,
                 allow_plaintext_auth=cfg.allow_plaintext_auth,
@@ -567,21 +548,11 @@ class Node:
             if cfg.listen_tls:
                 raise
             log.warning("TLS certificate unusable, IMAP STARTTLS not offered: %s", e)
-        if self.authenticator is None:
-
-            def lookup(account: str) -> str | None:
-                acct = store.index.account_by_address(account)
-                return acct.password_hash if acct is not None else None
-
-            self.authenticator = Authenticator(
-                lookup,
-                max_concurrent_checks=self.config.auth.max_concurrent_checks,
-                cache_seconds=self.config.auth.cache_seconds,
-            )
+        authenticator = self._authenticator(store)
         self.mailboxes = MailboxService(store)
         services = ImapServices(
             mailboxes=self.mailboxes,
-            authenticator=self.authenticator,
+            authenticator=authenticator,
             options=ImapOptions(
                 hostname=self.config.node.hostname,
                 allow_plaintext_auth=cfg.allow_plaintext_auth,
@@ -622,6 +593,22 @@ class Node:
         for x, r in zip(listeners, results, strict=True):
             if isinstance(r, BaseException):
                 log.error("stopping %r failed: %s", x, r)
+
+    def _authenticator(self, store: Store) -> Authenticator:
+        """The node's one password checker, shared by the SMTP, POP3 and IMAP listeners (so the
+        bound on concurrent checks and the cache are per node); closed with the SMTP ones."""
+        if self.authenticator is None:
+
+            def lookup(account: str) -> str | None:
+                acct = store.index.account_by_address(account)
+                return acct.password_hash if acct is not None else None
+
+            self.authenticator = Authenticator(
+                lookup,
+                max_concurrent_checks=self.config.auth.max_concurrent_checks,
+                cache_seconds=self.config.auth.cache_seconds,
+            )
+        return self.authenticator
 
     async def _stop_listeners(self) -> None:
         listeners, self.listeners = self.listeners, []
