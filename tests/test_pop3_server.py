@@ -28,6 +28,8 @@ from mailharbor.server.pop3 import Pop3Listener, Pop3Options, Pop3Services
 from mailharbor.service.auth import FAST_TEST_PARAMS, Authenticator, hash_password
 from mailharbor.store import Store, StoreOptions
 from mailharbor.store.index import Mailbox
+from mailharbor.tls import server_context, write_self_signed
+from proxytls import ProxiedTls
 from servenode import ServeNode, free_port
 
 pytestmark = pytest.mark.timeout(120)
@@ -586,8 +588,10 @@ def test_proxy_v2_and_per_client_limit(make_harness: Callable[..., Harness]) -> 
     fourth = raw_login(h, source="127.0.0.2", header=other)  # another client behind the proxy
     assert fourth.recv(100).startswith(b"+OK")
     untrusted = raw_login(h, header=hdr)  # 127.0.0.1 may not send a PROXY header
-    assert untrusted.recv(100).startswith(b"+OK")
-    assert read_until_eof(untrusted) == b"-ERR PROXY protocol not accepted from this address\r\n"
+    # the greeting and the refusal may arrive in one segment: read both together
+    greeting, refusal = read_until_eof(untrusted).split(b"\r\n", 1)
+    assert greeting.startswith(b"+OK")
+    assert refusal == b"-ERR PROXY protocol not accepted from this address\r\n"
     for s in [*socks, third, fourth, untrusted]:
         s.close()
 
@@ -602,3 +606,23 @@ def test_failed_logins_delayed_then_locked_out(h: Harness) -> None:
     with pytest.raises(poplib.error_proto, match=r"\[SYS/TEMP\] Too many failed logins"):
         p.pass_(PASSWORD)  # even the right password, while locked out
     p.quit()
+
+
+def test_implicit_tls_behind_a_proxy_header_in_the_same_segment(h: Harness, tmp_path: Path) -> None:
+    """pop3s (995): PROXY header and ClientHello in one write; the handshake completes and the
+    greeting follows, under TLS."""
+    write_self_signed(tmp_path / "cert.pem", tmp_path / "key.pem", "pop.example.org")
+    h.services.tls = server_context(tmp_path / "cert.pem", tmp_path / "key.pem")
+    listener = Pop3Listener("127.0.0.1:0", h.services, implicit_tls=True)
+    h.run(listener.start())
+    try:
+        port = listener.bound[0][1]
+        c = ProxiedTls(port, build_v2(("192.0.2.7", 40000), ("127.0.0.1", port)))
+        try:
+            assert c.line().startswith(b"+OK")
+            c.send(b"CAPA\r\n")
+            assert c.line().startswith(b"+OK")
+        finally:
+            c.close()
+    finally:
+        h.run(listener.stop(grace=2))
