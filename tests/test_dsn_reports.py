@@ -18,8 +18,10 @@ import pytest
 from mailharbor.proto.smtp import RcptParams
 from mailharbor.service.delivery import Envelope, LocalDelivery, Recipient, Session
 from mailharbor.service.dsn import DsnRecipient, build_dsn
-from mailharbor.service.queue import WARNED_MARK, Outcome, OutcomeKind, QueueParams, QueueRunner
+from mailharbor.service.queue import Outcome, OutcomeKind, QueueParams, QueueRunner, entry_view
 from mailharbor.store import Store, StoreOptions
+from mailharbor.store.format import QueueResult
+from mailharbor.store.index import LEGACY_WARNED_MARK
 from test_queue import (
     ALICE,
     MESSAGE,
@@ -122,19 +124,38 @@ async def test_delay_warning_sent_once_and_durable(data: Path) -> None:
         assert reports(st) == []
         await run_until(r, st, clock, 3000)  # the attempt at 4100 s is past 1 h
         assert reports(st) == [("Delayed Mail (still being retried)", [("delayed", "4.2.0")])]
-        assert st.index.queue[g].last_detail == "451 4.2.0 try later" + WARNED_MARK
+        assert st.index.queue[g].warned
+        assert st.index.queue[g].last_detail == "451 4.2.0 try later"  # the detail is untouched
+        assert entry_view(st.index.queue[g])["warned"] is True
         await run_until(r, st, clock, 10_000)
         assert len(reports(st)) == 1
     finally:
         st.close()
     st = open_store(data)  # a restarted node does not warn again
     try:
+        assert st.recovery is not None and st.recovery.checkpoint_lsn > 0  # `warned` from it
+        assert st.index.queue[g].warned
         r = runner(st, FakeDeliverer(lambda _: DEFER), clock, delay_warning="1h")
         await run_until(r, st, clock, 10_000)
         assert len(reports(st)) == 1
         assert st.index.queue[g].attempts >= 7
     finally:
         st.close()
+
+
+@aio
+async def test_warning_recorded_by_an_old_log_is_not_repeated(store: Store) -> None:
+    clock = FakeClock()
+    g = enqueue(store, ["bob@remote.test"])
+    async with store.transaction() as t:  # what the runner wrote before the WARNED flag
+        detail = "451 4.2.0 try later" + LEGACY_WARNED_MARK
+        t.queue_done(g, "bob@remote.test", QueueResult.DEFERRED, detail, 0)
+    assert store.index.queue[g].warned
+    assert store.index.queue[g].last_detail == "451 4.2.0 try later"
+    r = runner(store, FakeDeliverer(lambda _: DEFER), clock, delay_warning="1h")
+    clock.t += 2 * 3600 * 1000
+    await run_until(r, store, clock, 3600)
+    assert reports(store) == []
 
 
 @aio
@@ -184,7 +205,7 @@ async def test_warning_off_and_expiry_bounce_without_the_mark(store: Store) -> N
     bounce = store.read_blob(
         store.index.blobs.hash_at(store.index.mailboxes[acct.mailboxes["INBOX"]].blobs[-1])
     )
-    assert WARNED_MARK.strip().encode() not in bounce and b"451 4.2.0 try later" in bounce
+    assert b"delay warning sent" not in bounce and b"451 4.2.0 try later" in bounce
 
 
 # --- NOTIFY=SUCCESS -----------------------------------------------------------------------------

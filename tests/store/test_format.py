@@ -10,6 +10,7 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import struct
 from pathlib import Path
 
@@ -59,7 +60,13 @@ RECORD_STRATEGIES: dict[fmt.RecordType, st.SearchStrategy[fmt.Record]] = {
     fmt.RecordType.QUEUE_ADD: st.builds(fmt.QueueAdd, guid, hash32, i64, text, texts, text),
     fmt.RecordType.QUEUE_ATTEMPT: st.builds(fmt.QueueAttempt, guid, u64, i64, texts),
     fmt.RecordType.QUEUE_DONE: st.builds(
-        fmt.QueueDone, guid, text, st.sampled_from(fmt.QueueResult), i64, text
+        fmt.QueueDone,
+        guid,
+        text,
+        st.sampled_from(fmt.QueueResult),
+        i64,
+        text,
+        st.sampled_from([fmt.QueueDoneFlag(0), fmt.QueueDoneFlag.WARNED]),
     ),
     fmt.RecordType.MIME_META: st.builds(fmt.MimeMeta, hash32, u8, data),
     fmt.RecordType.HOLE: st.builds(fmt.Hole, u64, text),
@@ -143,6 +150,9 @@ def test_record_examples_round_trip_exactly() -> None:
         fmt.Flags(b"m" * 16, 1, 1, 2, (), ("\\x",), (1, 2, 0xFFFFFFFF)),
         fmt.Subscribe(b"a" * 16, False, "INBOX/ü"),
         fmt.QueueDone(b"q" * 16, "r@x", fmt.QueueResult.DEFERRED, -1, "4.2.0 later"),
+        fmt.QueueDone(
+            b"q" * 16, "r@x", fmt.QueueResult.DEFERRED, 5, "later", fmt.QueueDoneFlag.WARNED
+        ),
         fmt.AccountPut(b"a" * 16, "a@b", "x" * 0xFFFF, 0, 0xFFFFFFFF),
         fmt.Reclaimed(fmt.RecordType.BLOB, b"h" * 44, 123),
         fmt.Reserve(b"m" * 16, 0xFFFFFFFF, 2**64 - 1),
@@ -176,6 +186,13 @@ def test_truncated_record_raises_format_error(rec: fmt.Record, d: st.DataObject)
             out = fmt.decode_record(rec.TYPE, body[:cut])
             assert out.TYPE == rec.TYPE
             return
+    if isinstance(rec, fmt.QueueDone) and rec.flags and cut == len(body) - 1:
+        # Without its optional flags byte a QUEUE_DONE is the record as written before the
+        # byte existed: valid, and not flagged (the frame's payload CRC catches such a cut).
+        assert fmt.decode_record(rec.TYPE, body[:cut]) == dataclasses.replace(
+            rec, flags=fmt.QueueDoneFlag(0)
+        )
+        return
     with pytest.raises(fmt.FormatError):
         fmt.decode_record(rec.TYPE, body[:cut])
 
@@ -183,6 +200,8 @@ def test_truncated_record_raises_format_error(rec: fmt.Record, d: st.DataObject)
 @given(records, st.binary(min_size=1, max_size=8))
 def test_trailing_bytes_are_refused(rec: fmt.Record, extra: bytes) -> None:
     assume(rec.TYPE not in TRAILING_DATA)
+    if isinstance(rec, fmt.QueueDone) and not rec.flags and len(extra) == 1:
+        assume(extra != bytes([fmt.QueueDoneFlag.WARNED]))  # that is the flags byte (tested below)
     with pytest.raises(fmt.FormatError):
         fmt.decode_record(rec.TYPE, rec.encode() + extra)
 
@@ -244,6 +263,20 @@ def test_invalid_utf8_and_unknown_queue_result_are_refused() -> None:
     bad[16 + 2 + 1] = 99  # the result byte
     with pytest.raises(fmt.FormatError):
         fmt.decode_record(fmt.RecordType.QUEUE_DONE, bytes(bad))
+
+
+def test_queue_done_flags_byte_is_optional_and_validated() -> None:
+    old = fmt.QueueDone(b"q" * 16, "r@x", fmt.QueueResult.DEFERRED, 9, "451 later")
+    body = old.encode()  # the layout before the flags byte: unchanged for unflagged records
+    assert body == b"q" * 16 + b"\x03\x00r@x\x05" + struct.pack("<q", 9) + b"\x09\x00451 later"
+    got = fmt.decode_record(fmt.RecordType.QUEUE_DONE, body)
+    assert got == old and got.flags == 0 and not got.flags & fmt.QueueDoneFlag.WARNED
+    warned = dataclasses.replace(old, flags=fmt.QueueDoneFlag.WARNED)
+    assert warned.encode() == body + b"\x01"
+    assert fmt.decode_record(fmt.RecordType.QUEUE_DONE, body + b"\x01") == warned
+    for bad in (b"\x00", b"\x02", b"\x81", b"\x01\x00"):  # not canonical, unknown bits, trailing
+        with pytest.raises(fmt.FormatError):
+            fmt.decode_record(fmt.RecordType.QUEUE_DONE, body + bad)
 
 
 # --- frames -------------------------------------------------------------------------------------
@@ -441,6 +474,43 @@ def test_garbage_segment_header_raises_only_format_error(raw: bytes) -> None:
 def test_garbage_checkpoint_body_raises_only_format_error(raw: bytes) -> None:
     with contextlib.suppress(fmt.FormatError):
         ix.Index.deserialize(raw)
+
+
+def _queue_frame(recs: list[fmt.Record], lsn: int) -> tuple[fmt.FrameHeader, bytes]:
+    payload = fmt.encode_records(recs)
+    raw = fmt.encode_frame(
+        lsn=lsn, generation=1, node_id=NODE, time_ms=0, payload=payload, nrecords=len(recs)
+    )
+    return fmt.decode_frame_header(raw), payload
+
+
+def test_queue_entry_warned_round_trips_through_the_checkpoint_body() -> None:
+    index = ix.Index()
+    entries = [bytes([i]) * 16 for i in range(3)]
+    adds: list[fmt.Record] = [
+        fmt.QueueAdd(g, b"h" * 32, 1, "s@x", ("a@r", "b@r"), "") for g in entries
+    ]
+    done: list[fmt.Record] = [
+        fmt.QueueDone(entries[0], "a@r", fmt.QueueResult.DEFERRED, 5, "later"),
+        fmt.QueueDone(
+            entries[1], "a@r", fmt.QueueResult.DEFERRED, 5, "later", fmt.QueueDoneFlag.WARNED
+        ),
+        # A record of an old log: the suffix is how a sent warning was recorded before the flag.
+        fmt.QueueDone(
+            entries[2], "a@r", fmt.QueueResult.DEFERRED, 5, "later" + ix.LEGACY_WARNED_MARK
+        ),
+        # An unflagged record after a flagged one does not clear `warned`.
+        fmt.QueueDone(entries[1], "a@r", fmt.QueueResult.DELIVERED, 0, "250 ok"),
+    ]
+    for lsn, recs in enumerate((adds, done), start=1):
+        head, payload = _queue_frame(recs, lsn)
+        index.apply_frame(head, payload, 1, 0)
+    assert [index.queue[g].warned for g in entries] == [False, True, True]
+    assert [index.queue[g].last_detail for g in entries] == ["later", "250 ok", "later"]
+    body = index.serialize()
+    back = ix.Index.deserialize(body)
+    assert [back.queue[g].warned for g in entries] == [False, True, True]
+    assert back.queue == index.queue and back.serialize() == body
 
 
 def test_truncated_checkpoint_body_raises_format_error() -> None:

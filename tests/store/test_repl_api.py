@@ -131,7 +131,8 @@ def test_generations_begin_reopen_and_checkpoint(open_store: OpenStore) -> None:
     assert st.generations()[-1] == (9, st.last_lsn)
 
 
-def test_old_checkpoint_version_is_ignored(open_store: OpenStore) -> None:
+@pytest.mark.parametrize("old_version", [1, 2])
+def test_old_checkpoint_version_is_ignored(open_store: OpenStore, old_version: int) -> None:
     st = open_store()
     a, _ = setup_accounts(st)
     for i in range(5):
@@ -144,7 +145,7 @@ def test_old_checkpoint_version_is_ignored(open_store: OpenStore) -> None:
     raw = bytearray(path.read_bytes())
     assert parse_checkpoint(bytes(raw)).history == ((1, 1, NODE),)
     assert struct.unpack_from("<H", raw, 8) == (CHECKPOINT_VERSION,)
-    raw[8:10] = struct.pack("<H", 1)  # what the previous version wrote there
+    raw[8:10] = struct.pack("<H", old_version)  # what a previous version wrote there
     path.write_bytes(bytes(raw))
     st = open_store(data_dir)
     assert st.recovery is not None

@@ -179,31 +179,43 @@ class UnexpectedMessage(WireError):
 # --- body helpers -----------------------------------------------------------------------------
 
 
+_U16 = struct.Struct("<H")
+_U32 = struct.Struct("<I")
+_U64 = struct.Struct("<Q")
+
+
 class _Reader:
+    """Bounds-checked reads from a message body. ``d`` may be a memoryview into the decoder's
+    buffer: ``take`` returns a copy (``bytes``), so nothing decoded keeps the buffer exported."""
+
     __slots__ = ("d", "p")
 
-    def __init__(self, d: bytes) -> None:
+    def __init__(self, d: bytes | memoryview) -> None:
         self.d = d
         self.p = 0
 
-    def take(self, n: int) -> bytes:
-        if n < 0 or self.p + n > len(self.d):
+    def _at(self, n: int) -> int:
+        p = self.p
+        if n < 0 or p + n > len(self.d):
             raise CorruptMessage("body truncated")
-        b = self.d[self.p : self.p + n]
-        self.p += n
-        return b
+        self.p = p + n
+        return p
+
+    def take(self, n: int) -> bytes:
+        p = self._at(n)
+        return bytes(self.d[p : p + n])
 
     def u8(self) -> int:
-        return self.take(1)[0]
+        return int(self.d[self._at(1)])
 
     def u16(self) -> int:
-        return int(struct.unpack("<H", self.take(2))[0])
+        return int(_U16.unpack_from(self.d, self._at(2))[0])
 
     def u32(self) -> int:
-        return int(struct.unpack("<I", self.take(4))[0])
+        return int(_U32.unpack_from(self.d, self._at(4))[0])
 
     def u64(self) -> int:
-        return int(struct.unpack("<Q", self.take(8))[0])
+        return int(_U64.unpack_from(self.d, self._at(8))[0])
 
     def opt64(self) -> int | None:
         v = self.u64()
@@ -802,14 +814,18 @@ class MessageEncoder:
     def encode(self, msg: Message, term: int) -> bytes:
         body = msg.encode()
         flags = FLAG_MAC if self._key is not None else 0
-        head = HEADER.pack(
-            MAGIC, HEADER_VERSION, msg.TYPE, flags, len(body), term, self.seq, crc32c(body), 0
-        )[:-4]
-        head += struct.pack("<I", crc32c(head))
+        head = bytearray(
+            HEADER.pack(
+                MAGIC, HEADER_VERSION, msg.TYPE, flags, len(body), term, self.seq, crc32c(body), 0
+            )
+        )
+        _U32.pack_into(head, HEADER_SIZE - 4, crc32c(memoryview(head)[: HEADER_SIZE - 4]))
         self.seq += 1
         if self._key is None:
-            return head + body
-        return head + body + hmac.new(self._key, head + body, hashlib.sha256).digest()
+            return b"".join((head, body))
+        mac = hmac.new(self._key, head, hashlib.sha256)
+        mac.update(body)  # no head + body copy: the body is copied once, into the result
+        return b"".join((head, body, mac.digest()))
 
 
 class MessageDecoder:
@@ -819,6 +835,13 @@ class MessageDecoder:
     (need more bytes) and raises a :class:`WireError` on bad input — after which every call
     raises it again. ``receive_eof()`` then ``next_message()`` raises TruncatedMessage if the
     stream ended inside a message.
+
+    Copies: received bytes are appended to one ``bytearray``; a message is verified (CRCs, MAC)
+    and decoded through a ``memoryview`` of it in place, so its body is copied once more, into
+    the decoded fields (a FRAMES message's frames). Consumed bytes are skipped by an offset and
+    dropped when the next data arrives (only the unconsumed tail moves, and a byte moves at most
+    once), so the buffer never holds more than the unconsumed bytes plus one ``receive_data``.
+    No view of the buffer outlives ``next_message`` (the buffer must stay resizable).
     """
 
     def __init__(self, max_message_size: int = DEFAULT_MAX_MESSAGE_SIZE) -> None:
@@ -826,6 +849,7 @@ class MessageDecoder:
             raise ValueError("max_message_size too small")
         self.max_message_size = max_message_size
         self._buf = bytearray()
+        self._pos = 0  # start of the unconsumed bytes in _buf
         self._key: bytes | None = None
         self._seq = 0
         self._term = 0
@@ -839,15 +863,21 @@ class MessageDecoder:
 
     @property
     def buffered(self) -> int:
-        return len(self._buf)
+        return len(self._buf) - self._pos
 
     def set_key(self, key: bytes) -> None:
         """From the next message on, require a MAC under ``key``."""
         self._key = key
 
     def receive_data(self, data: bytes) -> None:
-        if self._eof:
+        if self._eof or self._failed is not None:
             return
+        if self._pos:
+            if self._pos == len(self._buf):
+                self._buf.clear()
+            else:
+                del self._buf[: self._pos]
+            self._pos = 0
         self._buf += data
 
     def receive_eof(self) -> None:
@@ -860,20 +890,29 @@ class MessageDecoder:
             return self._next()
         except WireError as e:
             self._failed = e
-            self._buf.clear()
+            self._buf = bytearray()  # a fresh one: never resize a buffer a view might pin
+            self._pos = 0
             raise
 
     def _next(self) -> Received | None:
-        buf = self._buf
-        if len(buf) < HEADER_SIZE:
-            if self._eof and buf:
+        buf, pos = self._buf, self._pos
+        avail = len(buf) - pos
+        if avail < HEADER_SIZE:
+            if self._eof and avail:
                 raise TruncatedMessage("stream ended inside a header")
             return None
-        if bytes(buf[:4]) != MAGIC:
+        view = memoryview(buf)
+        try:
+            return self._decode_at(view, pos, avail)
+        finally:
+            view.release()
+
+    def _decode_at(self, view: memoryview, pos: int, avail: int) -> Received | None:
+        if view[pos : pos + 4] != MAGIC:
             raise CorruptMessage("bad magic")
-        magic, ver, typ, flags, length, term, seq, bcrc, hcrc = HEADER.unpack_from(buf)
+        magic, ver, typ, flags, length, term, seq, bcrc, hcrc = HEADER.unpack_from(view, pos)
         del magic
-        if hcrc != crc32c(bytes(buf[: HEADER_SIZE - 4])):
+        if hcrc != crc32c(view[pos : pos + HEADER_SIZE - 4]):
             raise CorruptMessage("header checksum mismatch")
         if ver != HEADER_VERSION:
             raise UnsupportedVersion("unknown header version")
@@ -885,32 +924,35 @@ class MessageDecoder:
         if has_mac != (self._key is not None):
             raise ForgedMessage("MAC missing" if self._key is not None else "unexpected MAC")
         total = HEADER_SIZE + length + (MAC_SIZE if has_mac else 0)
-        if len(buf) < total:
+        if avail < total:
             if self._eof:
                 raise TruncatedMessage("stream ended inside a message")
             return None
-        raw = bytes(buf[:total])
-        del buf[:total]
-        body = raw[HEADER_SIZE : HEADER_SIZE + length]
-        if crc32c(body) != bcrc:
-            raise CorruptMessage("body checksum mismatch")
-        if self._key is not None:
-            tag = hmac.new(self._key, raw[: HEADER_SIZE + length], hashlib.sha256).digest()
-            if not hmac.compare_digest(tag, raw[HEADER_SIZE + length :]):
-                raise ForgedMessage("bad MAC")
-        if seq != self._seq:
-            raise ReplayedMessage("unexpected sequence number")
-        if term < self._term:
-            raise StaleTerm("term went down")
-        cls = _DECODERS.get(typ)
-        if cls is None:
-            raise CorruptMessage("unknown message type")
-        r = _Reader(body)
+        self._pos = pos + total  # consumed, whatever follows (an error fails the decoder)
+        end = pos + HEADER_SIZE + length
+        body = view[pos + HEADER_SIZE : end]
         try:
-            msg = cls.decode(r)
-        except (struct.error, ValueError) as e:
-            raise CorruptMessage("malformed body") from e
-        r.end()
+            if crc32c(body) != bcrc:
+                raise CorruptMessage("body checksum mismatch")
+            if self._key is not None:
+                tag = hmac.new(self._key, view[pos:end], hashlib.sha256).digest()
+                if not hmac.compare_digest(tag, view[end : pos + total]):
+                    raise ForgedMessage("bad MAC")
+            if seq != self._seq:
+                raise ReplayedMessage("unexpected sequence number")
+            if term < self._term:
+                raise StaleTerm("term went down")
+            cls = _DECODERS.get(typ)
+            if cls is None:
+                raise CorruptMessage("unknown message type")
+            r = _Reader(body)
+            try:
+                msg = cls.decode(r)
+            except (struct.error, ValueError) as e:
+                raise CorruptMessage("malformed body") from e
+            r.end()
+        finally:
+            body.release()
         self._seq += 1
         self._term = term
         return Received(msg, term, seq)

@@ -1715,8 +1715,10 @@ class _Merge:
 
     async def _queue_done(self, lsn: int, rec: fmt.QueueDone) -> None:
         entry, rcpt, res, detail = rec.entry, rec.recipient, rec.result, rec.detail
+        warned = bool(rec.flags & fmt.QueueDoneFlag.WARNED)
         if await self._run(
-            "queue done", lambda t: t.queue_done(entry, rcpt, res, detail or "merged")
+            "queue done",
+            lambda t: t.queue_done(entry, rcpt, res, detail or "merged", warned=warned),
         ):
             self.audit(
                 "merge:queue-done",

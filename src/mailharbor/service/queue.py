@@ -52,9 +52,9 @@ records the outcome:
 - **Delay warning** (``action: delayed``), once per entry: at the first attempt that starts
   ``queue.delay_warning`` or more after the entry was queued (``"0s"`` turns it off), for the
   recipients that attempt defers. "Once" is durable: the DEFERRED records written with (and
-  after) the warning carry the suffix :data:`WARNED_MARK` in their detail, which the index keeps
-  as the entry's ``last_detail`` (DEFERRED records are written after the others of an attempt,
-  and ``queue retry`` keeps the detail); the mark is removed from expiry bounces.
+  after) the warning carry the WARNED flag (``queue_done(..., warned=True)``), which sets the
+  index's ``QueueEntry.warned``; nothing clears it (it is kept in checkpoints), so neither a
+  restart nor ``queue retry`` warns again. The detail text is never altered.
 - **Success** (``action: relayed``) for a recipient with NOTIFY=SUCCESS whose remote server
   accepted the message but does not offer DSN (a remote that offers it got NOTIFY passed on and
   reports itself). Local deliveries with NOTIFY=SUCCESS are reported by
@@ -93,7 +93,6 @@ from mailharbor.store.format import QueueResult
 from mailharbor.store.index import QueueEntry
 
 __all__ = [
-    "WARNED_MARK",
     "Clock",
     "Deliverer",
     "Outcome",
@@ -649,13 +648,13 @@ class QueueRunner:
         recipients = list(q.recipients)
         message = self.store.read_blob(q.blob)
         params = QueueParams.decode(q.params)
-        last_detail = _unmarked(q.last_detail)
+        last_detail = q.last_detail
         if now - q.created_ms >= int(self.config.maximal_lifetime * 1000):
             detail = last_detail or "message expired in the queue"
             o = Outcome(OutcomeKind.BOUNCED, _expiry_status(last_detail), detail, "", False)
             await self._record(q, message, params, dict.fromkeys(recipients, o), expired=True)
             return
-        warned = q.last_detail.endswith(WARNED_MARK)
+        warned = q.warned
         warn_after = int(self.config.delay_warning * 1000)
         warn_now = not warned and warn_after > 0 and now - q.created_ms >= warn_after
         term = self.term_provider()
@@ -715,8 +714,8 @@ class QueueRunner:
         warn_now: bool = False,
     ) -> None:
         now = self.clock.now_ms()
-        mark = WARNED_MARK if warned or warn_now else ""
-        # DEFERRED records last: the entry's last_detail (and its mark) comes from them.
+        flag_warned = warned or warn_now
+        # DEFERRED records last: the entry's last_detail comes from them.
         ordered = sorted(outcomes.items(), key=lambda kv: kv[1].kind is OutcomeKind.DEFERRED)
         attempts = q.attempts if q.attempts else 1
         delay = backoff_ms(
@@ -752,7 +751,14 @@ class QueueRunner:
                         o.detail,
                     )
                 elif o.kind is OutcomeKind.DEFERRED:
-                    t.queue_done(q.guid, rcpt, QueueResult.DEFERRED, o.detail + mark, now + delay)
+                    t.queue_done(
+                        q.guid,
+                        rcpt,
+                        QueueResult.DEFERRED,
+                        o.detail,
+                        now + delay,
+                        warned=flag_warned,
+                    )
                     if warn_now and (notify is None or "DELAY" in notify):
                         delayed.append(
                             DsnRecipient(
@@ -838,14 +844,6 @@ class QueueRunner:
         # NotFound (an admin deleted the entry meanwhile) propagates as a StoreError: logged.
 
 
-#: Suffix of the detail of DEFERRED records once an entry's delay warning was sent.
-WARNED_MARK = " [delay warning sent]"
-
-
-def _unmarked(detail: str) -> str:
-    return detail.removesuffix(WARNED_MARK)
-
-
 def add_report(store: Store, t: Transaction, sender: str, dsn: bytes) -> str:
     """Add the report ``dsn`` for ``sender`` to transaction ``t``: into the sender's INBOX if
     the sender is a local account, else queued from ``<>``. Returns "delivered to"/"queued to"
@@ -888,6 +886,7 @@ def entry_view(q: QueueEntry, store: Store | None = None) -> dict[str, object]:
         "last_term": q.last_term,
         "next_ms": q.next_ms,
         "last_detail": q.last_detail,
+        "warned": q.warned,
         "in_flight": list(q.in_flight),
         "size": size,
         "params": q.params,

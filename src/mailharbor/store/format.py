@@ -25,7 +25,7 @@ from __future__ import annotations
 import struct
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
-from enum import IntEnum
+from enum import IntEnum, IntFlag
 from typing import ClassVar, TypeAlias
 
 import crc32c as _crc32c
@@ -637,9 +637,22 @@ class QueueResult(IntEnum):
     DEFERRED = 5  # not final: the next attempt is due at `next_ms`
 
 
+class QueueDoneFlag(IntFlag):
+    """Bits of the optional trailing flags byte of a QUEUE_DONE record."""
+
+    WARNED = 1  # the entry's delay warning (DSN action "delayed") has been sent
+
+
+QUEUE_DONE_NO_FLAGS = QueueDoneFlag(0)
+
+
 @dataclass(frozen=True, slots=True)
 class QueueDone:
-    """The outcome for one recipient of an entry. Final results remove the recipient."""
+    """The outcome for one recipient of an entry. Final results remove the recipient.
+
+    `flags` is an optional trailing u8, written only when non-zero: a record without it (every
+    record written before it existed) decodes with `flags == 0`, and an unflagged record encodes
+    exactly as before. A present byte of 0 (not canonical) or with unknown bits is refused."""
 
     TYPE: ClassVar[RecordType] = RecordType.QUEUE_DONE
     entry: bytes
@@ -647,10 +660,14 @@ class QueueDone:
     result: QueueResult
     next_ms: int
     detail: str
+    flags: QueueDoneFlag = QUEUE_DONE_NO_FLAGS
 
     def encode(self) -> bytes:
         w = _W().raw(self.entry, GUID_LEN).s(self.recipient).u8(self.result).i64(self.next_ms)
-        return w.s(self.detail).done()
+        w.s(self.detail)
+        if self.flags:
+            w.u8(self.flags)
+        return w.done()
 
     @classmethod
     def decode(cls, r: _R) -> QueueDone:
@@ -659,7 +676,15 @@ class QueueDone:
             result = QueueResult(res)
         except ValueError:
             raise FormatError(f"unknown queue result {res}") from None
-        return cls(entry, rcpt, result, nxt, detail)
+        bits = 0
+        if r.p < len(r.d):  # the optional flags byte: absent in records written before it
+            bits = r.u8()
+            if bits == 0 or bits & ~_QUEUE_DONE_FLAGS:
+                raise FormatError(f"invalid queue done flags {bits:#x}")
+        return cls(entry, rcpt, result, nxt, detail, QueueDoneFlag(bits))
+
+
+_QUEUE_DONE_FLAGS = int(QueueDoneFlag.WARNED)
 
 
 @dataclass(frozen=True, slots=True)

@@ -338,6 +338,12 @@ class Account:
     last_uidvalidity: int = 0
 
 
+#: Before QUEUE_DONE had a flags byte, the outbound queue recorded a sent delay warning by
+#: appending this to the detail of DEFERRED records. Applying such a record (from an old log)
+#: strips it and sets `QueueEntry.warned`; nothing writes it any more.
+LEGACY_WARNED_MARK = " [delay warning sent]"
+
+
 @dataclass(slots=True)
 class QueueEntry:
     guid: bytes
@@ -352,6 +358,7 @@ class QueueEntry:
     next_ms: int = 0
     last_detail: str = ""
     in_flight: list[str] = field(default_factory=list)
+    warned: bool = False  # the delay warning was sent: set by a QUEUE_DONE with WARNED, sticky
 
 
 class Index:
@@ -625,6 +632,11 @@ class Index:
             if q is None:
                 return
             q.last_detail = rec.detail
+            if rec.flags & fmt.QueueDoneFlag.WARNED:
+                q.warned = True
+            elif rec.detail.endswith(LEGACY_WARNED_MARK):  # logs written before the flag
+                q.last_detail = rec.detail.removesuffix(LEGACY_WARNED_MARK)
+                q.warned = True
             if rec.recipient in q.in_flight:
                 q.in_flight.remove(rec.recipient)
             if rec.result == fmt.QueueResult.DEFERRED:
@@ -704,7 +716,7 @@ class Index:
         for q in self.queue.values():
             w.raw(q.guid).raw(q.blob).u64(q.created_ms).s(q.sender).strs(q.recipients)
             w.s(q.params).u32(q.attempts).u64(q.last_attempt_ms).u64(q.last_term)
-            w.u64(q.next_ms).s(q.last_detail).strs(q.in_flight)
+            w.u64(q.next_ms).s(q.last_detail).strs(q.in_flight).u8(int(q.warned))
         return w.done()
 
     @classmethod
@@ -787,6 +799,10 @@ class Index:
                 r.u64(),
             )
             q.last_detail, q.in_flight = r.s(), list(r.strs())
+            warned = r.u8()
+            if warned > 1:
+                raise FormatError("checkpoint queue entry warned byte out of range")
+            q.warned = bool(warned)
             ix.queue[q.guid] = q
         if r.p != len(data):
             raise FormatError("trailing bytes in checkpoint")
@@ -806,6 +822,10 @@ class _Out:
 
     def raw(self, b: bytes) -> _Out:
         self.parts.append(b)
+        return self
+
+    def u8(self, v: int) -> _Out:
+        self.parts.append(struct.pack("<B", v))
         return self
 
     def u32(self, v: int) -> _Out:
@@ -855,6 +875,9 @@ class _In:
         b = self.d[self.p : self.p + n]
         self.p += n
         return b
+
+    def u8(self) -> int:
+        return int(self.raw(1)[0])
 
     def u32(self) -> int:
         return int(struct.unpack("<I", self.raw(4))[0])

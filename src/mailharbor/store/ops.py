@@ -217,6 +217,7 @@ class OpQueueDone:
     result: fmt.QueueResult
     detail: str
     next_ms: int
+    warned: bool = False
 
 
 Op: TypeAlias = (
@@ -462,7 +463,14 @@ class Encoder:
             if op.entry not in self.index.queue:
                 raise NotFound("no such queue entry")
             self.records.append(
-                fmt.QueueDone(op.entry, op.recipient, op.result, op.next_ms, op.detail)
+                fmt.QueueDone(
+                    op.entry,
+                    op.recipient,
+                    op.result,
+                    op.next_ms,
+                    op.detail,
+                    fmt.QueueDoneFlag.WARNED if op.warned else fmt.QueueDoneFlag(0),
+                )
             )
 
     def _deliver(self, op: OpDeliver) -> None:

@@ -53,7 +53,7 @@ Invariants:
 * generations never decrease along the log for ingested frames, and `Store.generation` never
   decreases while open nor across a reopen once `begin_generation` returned (it is persisted in
   `<data>/repl/generation`); the generation history is derived state: rebuilt by replay, kept in
-  checkpoints (format version 2), cut back with the log;
+  checkpoints (format version 3), cut back with the log;
 * compaction never rewrites a frame with LSN >= `retain_from`; frames below it may carry
   RECLAIMED records but keep their LSN, generation, writer, time and record count, so their
   logical digest is unchanged.
@@ -128,7 +128,7 @@ log = logging.getLogger("mailharbor.store")
 LOG_DIR = "log"
 CHECKPOINT_DIR = "checkpoints"
 CHECKPOINTS_KEPT = 2
-CHECKPOINT_VERSION = 2  # 2: the generation history follows the segment list
+CHECKPOINT_VERSION = 3  # 2: the generation history follows the segment list; 3: queue `warned`
 REPL_DIR = "repl"  # node-local replication state: `meta` (opaque, the adapter's), `generation`
 REPL_META = "meta"
 GENERATION_FILE = "generation"
@@ -587,8 +587,12 @@ class Transaction:
         result: fmt.QueueResult,
         detail: str = "",
         next_ms: int = 0,
+        *,
+        warned: bool = False,
     ) -> None:
-        self._ops.append(OpQueueDone(entry, recipient, result, detail, next_ms))
+        """Record `result` for `recipient` of queue entry `entry`. `warned`: the entry's delay
+        warning has been sent (sets `QueueEntry.warned`, which stays set)."""
+        self._ops.append(OpQueueDone(entry, recipient, result, detail, next_ms, warned))
 
     @property
     def exclusive(self) -> bool:
