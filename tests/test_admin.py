@@ -504,3 +504,51 @@ def test_connection_limit_and_idle_timeout(short_dir: Path) -> None:
             store.close()
 
     asyncio.run(go())
+
+
+class _Roles:
+    """A replication stand-in that records role changes."""
+
+    def __init__(self) -> None:
+        self.calls: list[str] = []
+
+    def is_primary(self) -> bool:
+        return True
+
+    async def promote(self, *, force: bool = False, reason: str = "") -> dict[str, object]:
+        self.calls.append("promote")
+        return {"role": "primary"}
+
+    async def demote(self) -> dict[str, object]:
+        self.calls.append("demote")
+        return {"role": "secondary"}
+
+
+class _Manager:
+    def status(self) -> dict[str, object]:
+        return {}
+
+    async def admin_command(self, kind: str, node: str, *, force: bool) -> dict[str, object]:
+        return {}
+
+
+def test_repl_role_commands_are_refused_when_a_cluster_manager_runs(tmp_path: Path) -> None:
+    async def go() -> None:
+        store = Store.open(str(tmp_path / "data"), node_id=NODE_ID)
+        try:
+            roles = _Roles()
+            ctx = make_ctx(store, repl=roles, cluster=_Manager())
+            for cmd, args in (("repl.primary", {"force": True}), ("repl.secondary", {})):
+                r = await run(ctx, cmd, **args)
+                assert not r.ok and r.error is not None
+                assert "cluster manager" in r.error and "cluster switchover" in r.error, r.error
+            assert "cluster standby" in r.error
+            assert roles.calls == []  # the role controller was never asked
+            ctx.cluster = None  # without [cluster] the commands go through
+            assert (await run(ctx, "repl.primary")).ok
+            assert (await run(ctx, "repl.secondary")).ok
+            assert roles.calls == ["promote", "demote"]
+        finally:
+            store.close()
+
+    asyncio.run(go())

@@ -25,6 +25,7 @@ from mailharbor.proto.proxy import build_v2
 from mailharbor.service.auth import FAST_TEST_PARAMS, hash_password
 from mailharbor.store import Store, StoreOptions
 from mailharbor.tls import write_self_signed
+from proxytls import ProxiedTls
 
 pytestmark = pytest.mark.timeout(90)
 T = TypeVar("T")
@@ -793,6 +794,37 @@ def test_idle_timeout_gives_bye(unique_name: str) -> None:
         d.send("i1 IDLE\r\n")  # IDLE is no way around it
         assert d.line().startswith(b"+ ")
         assert d.line().startswith(b"* BYE")
+    finally:
+        h.close()
+        shutil.rmtree(root, ignore_errors=True)
+
+
+def test_implicit_tls_behind_a_proxy_header_in_the_same_segment(unique_name: str) -> None:
+    """PROXY header and ClientHello in one write: the header is taken off the socket alone, the
+    ClientHello reaches TLS, the greeting follows. Then stop() leaves no task of the listener
+    behind (none parked in ``wait_closed`` after leaving the listener's set)."""
+    h, root = _harness(unique_name, trusted_proxies=["127.0.0.2"])
+    try:
+        assert h.node is not None
+        listeners = list(h.node.imap_listeners)
+        hdr = build_v2(("192.0.2.7", 40000), ("127.0.0.1", h.imaps_port))
+        c = ProxiedTls(h.imaps_port, hdr)
+        assert c.line().startswith(b"* OK")
+        c.send(b"a1 NOOP\r\n")
+        assert c.line().startswith(b"a1 OK")
+        idle = ProxiedTls(h.imaps_port, hdr)  # still open at stop: gets BYE, then closed
+        assert idle.line().startswith(b"* OK")
+        c.close()
+        h.stop_node()
+
+        async def leftover() -> list[asyncio.Task[Any]]:
+            me = asyncio.current_task()
+            return [t for t in asyncio.all_tasks() if t is not me and not t.done()]
+
+        assert all(not x._tasks for x in listeners)
+        names = [repr(t.get_coro()) for t in h.run(leftover())]
+        assert not [n for n in names if "ImapListener" in n or "wait_closed" in n], names
+        idle.close()
     finally:
         h.close()
         shutil.rmtree(root, ignore_errors=True)

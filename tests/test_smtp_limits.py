@@ -40,6 +40,7 @@ from mailharbor.service.delivery import (
 )
 from mailharbor.store import Store
 from mailharbor.tls import server_context
+from proxytls import ProxiedTls
 from test_queue import enqueue, start_remote
 from test_smtp_server import (
     MAILHARBOR,
@@ -611,3 +612,25 @@ def test_outbound_at_least_once_across_sigkill(unique_name: str) -> None:
                 p.wait(10)
         ctl.stop()
         shutil.rmtree(base, ignore_errors=True)
+
+
+@pytest.mark.timeout(30)
+def test_implicit_tls_behind_a_proxy_header_in_the_same_segment(harness_factory: Any) -> None:
+    """Submissions (465): PROXY header and ClientHello in one write; the handshake completes
+    and the 220 follows, under TLS."""
+    h = harness_factory()
+
+    async def start() -> SmtpListener:
+        listener = SmtpListener(ListenerKind.SUBMISSIONS, "127.0.0.1:0", h.services)
+        await listener.start()
+        h.listeners[ListenerKind.SUBMISSIONS] = listener  # stopped with the others
+        return listener
+
+    port = h.run(start()).bound[0][1]
+    c = ProxiedTls(port, build_v2(("192.0.2.7", 40000), ("127.0.0.1", port)))
+    try:
+        assert c.line().startswith(b"220 ")
+        c.send(b"EHLO client.example\r\n")
+        assert c.line().startswith(b"250")
+    finally:
+        c.close()

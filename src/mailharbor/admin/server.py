@@ -198,12 +198,29 @@ async def _repl_status(ctx: AdminContext, args: Mapping[str, object]) -> object:
     return _repl(ctx).status()
 
 
+def _refuse_under_cluster(ctx: AdminContext, command: str, instead: str) -> None:
+    """Refuse a manual role change where a cluster manager runs: its decision loop is the only
+    caller of the role controller (a change made behind its back would race its decisions)."""
+    if ctx.cluster is not None:
+        raise InvalidArgument(
+            f"`repl {command}` is refused: the cluster manager ([cluster]) decides the roles "
+            f"here; use {instead}"
+        )
+
+
 async def _repl_primary(ctx: AdminContext, args: Mapping[str, object]) -> object:
+    _refuse_under_cluster(ctx, "primary", "`mailharbor cluster switchover` on the current primary")
     force = args.get("force") is True
     return await _repl_call(_repl(ctx).promote(force=force, reason="repl primary"))
 
 
 async def _repl_secondary(ctx: AdminContext, args: Mapping[str, object]) -> object:
+    _refuse_under_cluster(
+        ctx,
+        "secondary",
+        "`mailharbor cluster switchover` (the peer takes over) or "
+        "`mailharbor cluster standby NODE`",
+    )
     return await _repl_call(_repl(ctx).demote())
 
 

@@ -40,8 +40,9 @@ Invariants
   header naming the client as seen by this node; the client's bytes follow unchanged. The
   primary trusts the header only from ``trusted_proxies`` (server/proxy.py), so a forwarder
   whose source address the primary does not trust is refused there, never believed.
-- On an implicit-TLS route the client's first bytes follow the header only after
-  :data:`TLS_HEADER_GAP` (a workaround, see there).
+- The client's first bytes follow the header at once, on every route: the listeners read the
+  header byte-exactly off the socket (server/proxy.py), so an implicit-TLS ClientHello in the
+  same segment still reaches their TLS layer.
 - The forwarder never reads a client's bytes before the upstream connection exists, so a
   refusal is always the first thing the client sees, and nothing is lost on the way.
 - :meth:`Forwarder.stop` closes the listening sockets first, then refuses held clients and
@@ -70,13 +71,6 @@ log = logging.getLogger("mailharbor.forward")
 
 #: Seconds between two checks for a primary while a client is held.
 RETRY = 0.1
-#: Implicit-TLS routes: seconds between the PROXY header and the client's first bytes (its
-#: ClientHello). The listeners read the header through their StreamReader and then start TLS on
-#: the transport; a ClientHello that arrived in the same read sits in the reader's buffer, where
-#: the TLS layer never sees it, and the handshake stalls. Until the listeners hand such bytes to
-#: TLS, the gap makes the header arrive, and be read, alone (a listener whose event loop stalls
-#: longer than this can still lose the race: that client's handshake times out).
-TLS_HEADER_GAP = 0.2
 _BUFFER = 64 * 1024
 
 
@@ -339,11 +333,6 @@ class Forwarder:
         if self.stopping:
             return
         up_writer.write(proxy_header(peer, writer.get_extra_info("sockname")))
-        if route.kind is RouteKind.TLS:
-            # See TLS_HEADER_GAP: the header must reach the primary's listener on its own.
-            with contextlib.suppress(OSError, ConnectionError):
-                await up_writer.drain()
-            await asyncio.sleep(TLS_HEADER_GAP)
         self.forwarded += 1
         log.debug("proxy mode: %s on %s forwarded to %s", client, route.local, route.peer)
         pipes = [

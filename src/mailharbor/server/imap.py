@@ -62,7 +62,13 @@ from mailharbor.proto.imap import (
 from mailharbor.proto.imap import commands as c
 from mailharbor.proto.imap import responses as r
 from mailharbor.proto.smtp import AuthFailures
-from mailharbor.server.proxy import ProxyError, TrustedProxies, looks_like_proxy, read_proxy_header
+from mailharbor.server.proxy import (
+    ProxyError,
+    TrustedProxies,
+    looks_like_proxy,
+    proxy_aware,
+    read_proxy_header,
+)
 from mailharbor.server.smtp import ConnectionLimiter, split_endpoint
 from mailharbor.service.auth import Authenticator, AuthStatus
 from mailharbor.service.mailbox import (
@@ -151,7 +157,9 @@ class ImapListener:
         """Bind and listen. Raises OSError when the address is unusable."""
         self._stop = asyncio.get_running_loop().create_future()
         host, port = split_endpoint(self.endpoint)
-        self._server = await asyncio.start_server(self._accept, host, port, reuse_address=True)
+        self._server = await asyncio.start_server(
+            proxy_aware(self._accept, self.services.trusted), host, port, reuse_address=True
+        )
         for s in self._server.sockets:
             addr = s.getsockname()
             self.bound.append((str(addr[0]), int(addr[1])))
@@ -186,10 +194,14 @@ class ImapListener:
         except Exception:
             log.exception("imap session failed")
         finally:
-            self._tasks.discard(task)
-            writer.close()
-            with contextlib.suppress(Exception):
-                await asyncio.wait_for(writer.wait_closed(), 5)
+            # The task stays in _tasks until the socket is closed: stop() awaits (or cancels)
+            # it, so no task of this listener outlives stop().
+            try:
+                writer.close()
+                with contextlib.suppress(Exception):
+                    await asyncio.wait_for(writer.wait_closed(), 5)
+            finally:
+                self._tasks.discard(task)
 
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         services = self.services
@@ -197,7 +209,11 @@ class ImapListener:
         client = str(peer[0]) if peer else "unknown"
         if services.trusted.is_trusted(client):
             try:
-                header = await read_proxy_header(reader, _PROXY_TIMEOUT)
+                # An implicit-TLS listener leaves reading paused: start_tls resumes it, so the
+                # ClientHello (possibly in the same segment) goes to the TLS layer.
+                header = await read_proxy_header(
+                    writer, _PROXY_TIMEOUT, resume=not self.implicit_tls
+                )
             except (ProxyError, TimeoutError, asyncio.IncompleteReadError, OSError) as e:
                 log.warning("refused %s: bad PROXY header (%s)", client, type(e).__name__)
                 return

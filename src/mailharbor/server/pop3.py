@@ -68,6 +68,7 @@ from mailharbor.server.proxy import (
     ProxyError,
     TrustedProxies,
     looks_like_proxy,
+    proxy_aware,
     read_proxy_header,
 )
 from mailharbor.server.smtp import ConnectionLimiter, split_endpoint
@@ -155,7 +156,9 @@ class Pop3Listener:
         """Bind and listen. Raises OSError when the address is unusable."""
         self._stop = asyncio.get_running_loop().create_future()
         host, port = split_endpoint(self.endpoint)
-        self._server = await asyncio.start_server(self._accept, host, port, reuse_address=True)
+        self._server = await asyncio.start_server(
+            proxy_aware(self._accept, self.services.trusted), host, port, reuse_address=True
+        )
         for s in self._server.sockets:
             addr = s.getsockname()
             self.bound.append((str(addr[0]), int(addr[1])))
@@ -193,10 +196,14 @@ class Pop3Listener:
         except Exception:
             log.exception("POP3 session failed")
         finally:
-            self._tasks.discard(task)
-            writer.close()
-            with contextlib.suppress(Exception):
-                await asyncio.wait_for(writer.wait_closed(), 5)
+            # The task stays in _tasks until the socket is closed: stop() awaits (or cancels)
+            # it, so no task of this listener outlives stop().
+            try:
+                writer.close()
+                with contextlib.suppress(Exception):
+                    await asyncio.wait_for(writer.wait_closed(), 5)
+            finally:
+                self._tasks.discard(task)
 
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         services = self.services
@@ -204,7 +211,11 @@ class Pop3Listener:
         client = str(peer[0]) if peer else "unknown"
         if services.trusted.is_trusted(client):
             try:
-                header = await read_proxy_header(reader, _PROXY_TIMEOUT)
+                # An implicit-TLS listener leaves reading paused: start_tls resumes it, so the
+                # ClientHello (possibly in the same segment) goes to the TLS layer.
+                header = await read_proxy_header(
+                    writer, _PROXY_TIMEOUT, resume=not self.implicit_tls
+                )
             except (ProxyError, TimeoutError, asyncio.IncompleteReadError, OSError) as e:
                 log.warning("refused %s: bad PROXY header (%s)", client, type(e).__name__)
                 return
