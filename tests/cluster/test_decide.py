@@ -439,3 +439,15 @@ def test_every_reason_is_reachable_in_the_docs() -> None:
     text = (Path(__file__).resolve().parents[2] / "docs" / "cluster.md").read_text("utf-8")
     missing = [r for r in REASONS if f"`{r}`" not in text]
     assert not missing, missing
+
+
+def test_two_node_primary_never_shoots_a_live_resyncing_secondary() -> None:
+    # found by the two-node acceptance test: right after a takeover the secondary is alive by
+    # heartbeats but still resyncing (not confirming writes); it must not be powered off
+    syncing = dataclasses.replace(
+        two_node(healthy_primary()), repl=ReplView(connected=True, peer_confirms_writes=False)
+    )
+    check(syncing, Action.STAY, "peer-not-in-sync")
+    assert not ack_allowed(syncing)  # writes wait for the peer
+    # once its heartbeats stop, it is lost: fence it
+    assert decide(dead(syncing)).action is Action.FENCE_PEER

@@ -259,6 +259,8 @@ REASONS: dict[str, str] = {
     "fencing-peer": "the peer is being fenced",
     "fence-retry": "fencing failed; retrying",
     "fence-failed": "fencing failed; not writing until the peer is fenced (retry pending)",
+    "peer-not-in-sync": "two-node mode: the peer is alive but does not confirm writes yet "
+    "(connecting or resyncing); it is not fenced, writes wait",
     "peer-lost-fence": "the peer is lost and writes are frozen: fence it (two-node mode)",
     "peer-lost-outdate": "the peer is lost: mark it Outdated at the witness before writing on",
     "peer-in-sync-clear": "the peer is in sync again: clear its Outdated mark",
@@ -422,6 +424,10 @@ def _primary(s: ClusterSnapshot) -> Decision:
         if confirms and p.outdated and me.lease_held:
             return _d(Action.CLEAR_PEER_OUTDATED, "peer-in-sync-clear")
     elif not confirms and p.fence is not FenceStatus.FENCED_OFF:
+        if p.state is PeerState.ALIVE:
+            # Heartbeats show the peer alive: it is connecting or resyncing, not lost. Never
+            # shoot a live secondary; writes wait (ack_allowed) until it confirms them.
+            return _d(Action.STAY, "peer-not-in-sync")
         return _fence_step(s, delay=_my_fence_delay(s), first_reason="peer-lost-fence")
     if me.standby:
         return _d(Action.DEMOTE, "standby")
