@@ -16,7 +16,7 @@
 # run, live or not. In order: processes are killed (TERM, then KILL), mounts are
 # unmounted lazily (FUSE ones with fusermount), loop devices detached, network
 # namespaces deleted, the acceptance rig's blackhole routes (proto 213, metric = run PID)
-# deleted, and /tmp/mh-test-* directories removed (without crossing
+# deleted, cgroups under the cgroup2 mount thawed (before the processes) and removed, and /tmp/mh-test-* directories removed (without crossing
 # into file systems that are still mounted). Steps that need root are skipped
 # with a note when not root.
 set -uo pipefail
@@ -62,6 +62,22 @@ while [[ -n "$pid" && "$pid" != 0 ]]; do
     protected[$pid]=1
     pid=$(awk '/^PPid:/ {print $2}' "/proc/$pid/status" 2>/dev/null || true)
 done
+
+# Cgroups a run created (tests/test_repl_faults.py freezes a node in a cgroup named
+# mh-test-<PID>-... directly under the cgroup2 mount): thawed first, so the processes in them
+# can be stopped in step 1; removed in step 4c.
+cgroup2=$(awk '$3 == "cgroup2" {print $2; exit}' /proc/self/mounts 2>/dev/null)
+run_cgroups=()
+if [[ -n "$cgroup2" ]]; then
+    for dir in "$cgroup2"/mh-test-*; do
+        [[ -d "$dir" && "$(basename "$dir")" =~ ^$marker_re ]] || continue
+        stale "${BASH_REMATCH[1]}" || continue
+        run_cgroups+=("$dir")
+        if [[ -w "$dir/cgroup.freeze" ]] && grep -q '^frozen 1' "$dir/cgroup.events" 2>/dev/null; then
+            act sh -c "echo 0 > '$dir/cgroup.freeze'" || echo "cleanup: could not thaw $dir" >&2
+        fi
+    done
+fi
 
 # 1. processes
 victims=()
@@ -154,6 +170,17 @@ if ((is_root)) && command -v ip >/dev/null; then
             echo "cleanup: could not delete route blackhole $dst metric $run" >&2
     done < <(ip route show proto 213 2>/dev/null)
 fi
+
+# 4c. the run's cgroups (thawed above): leftover processes back to the root cgroup, then rmdir.
+for dir in "${run_cgroups[@]}"; do
+    [[ -d "$dir" ]] || continue
+    if [[ -r "$dir/cgroup.procs" ]]; then
+        for pid in $(cat "$dir/cgroup.procs" 2>/dev/null); do
+            act sh -c "echo $pid > '$cgroup2/cgroup.procs'" 2>/dev/null
+        done
+    fi
+    act rmdir "$dir" || echo "cleanup: could not remove cgroup $dir" >&2
+done
 
 # 5. directories
 shopt -s nullglob
