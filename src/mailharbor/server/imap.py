@@ -62,12 +62,11 @@ from mailharbor.proto.imap import (
 from mailharbor.proto.imap import commands as c
 from mailharbor.proto.imap import responses as r
 from mailharbor.proto.smtp import AuthFailures
+from mailharbor.server.listener import client_address, run_tracked
 from mailharbor.server.proxy import (
-    ProxyError,
     TrustedProxies,
     looks_like_proxy,
     proxy_aware,
-    read_proxy_header,
 )
 from mailharbor.server.smtp import ConnectionLimiter, split_endpoint
 from mailharbor.service.auth import Authenticator, AuthStatus
@@ -92,7 +91,6 @@ __all__ = ["ImapListener", "ImapOptions", "ImapServices"]
 
 log = logging.getLogger("mailharbor.imap")
 
-_PROXY_TIMEOUT = 10.0
 _TLS_TIMEOUT = 30.0
 _WRITE_TIMEOUT = 120.0
 _WRITE_HIGH_WATER = 256 * 1024
@@ -186,39 +184,21 @@ class ImapListener:
         return self._stop
 
     async def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        task = asyncio.current_task()
-        assert task is not None
-        self._tasks.add(task)
-        try:
-            await self._serve(reader, writer)
-        except Exception:
-            log.exception("imap session failed")
-        finally:
-            # The task stays in _tasks until the socket is closed: stop() awaits (or cancels)
-            # it, so no task of this listener outlives stop().
-            try:
-                writer.close()
-                with contextlib.suppress(Exception):
-                    await asyncio.wait_for(writer.wait_closed(), 5)
-            finally:
-                self._tasks.discard(task)
+        await run_tracked(self._tasks, self._serve(reader, writer), writer, log, "imap")
 
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         services = self.services
         peer = writer.get_extra_info("peername")
-        client = str(peer[0]) if peer else "unknown"
-        if services.trusted.is_trusted(client):
-            try:
-                # An implicit-TLS listener leaves reading paused: start_tls resumes it, so the
-                # ClientHello (possibly in the same segment) goes to the TLS layer.
-                header = await read_proxy_header(
-                    writer, _PROXY_TIMEOUT, resume=not self.implicit_tls
-                )
-            except (ProxyError, TimeoutError, asyncio.IncompleteReadError, OSError) as e:
-                log.warning("refused %s: bad PROXY header (%s)", client, type(e).__name__)
-                return
-            if header.source is not None:
-                client = header.source[0]
+        found = await client_address(
+            writer,
+            services.trusted,
+            log,
+            peer=str(peer[0]) if peer else "unknown",
+            implicit_tls=self.implicit_tls,
+        )
+        if found is None:
+            return
+        client = found
         if self.stopping:
             return
         limiter = services.limiter

@@ -80,12 +80,11 @@ from mailharbor.proto.smtp import (
     State,
     address_key,
 )
+from mailharbor.server.listener import client_address, run_tracked
 from mailharbor.server.proxy import (
-    ProxyError,
     TrustedProxies,
     looks_like_proxy,
     proxy_aware,
-    read_proxy_header,
 )
 from mailharbor.service.auth import Authenticator, AuthStatus
 from mailharbor.service.delivery import (
@@ -114,7 +113,6 @@ R_AUTH_FAILED = Reply(535, "5.7.8", "Authentication credentials invalid")
 R_AUTH_TEMP = Reply(454, "4.7.0", "Temporary authentication failure")
 R_RCPT_OK = Reply(250, "2.1.5", "Ok")
 _IN_MESSAGE = (State.DATA, State.BDAT, State.BDAT_TXN)
-_PROXY_TIMEOUT = 10.0
 _TLS_TIMEOUT = 30.0
 _WRITE_HIGH_WATER = 64 * 1024
 
@@ -270,42 +268,25 @@ class SmtpListener:
         log.info("%s listener on %s stopped", self.kind.value, self.endpoint)
 
     async def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        task = asyncio.current_task()
-        assert task is not None
-        self._tasks.add(task)
-        try:
-            await self._serve(reader, writer)
-        except Exception:
-            log.exception("%s session failed", self.kind.value)
-        finally:
-            # The task stays in _tasks until the socket is closed: stop() awaits (or cancels)
-            # it, so no task of this listener outlives stop().
-            try:
-                writer.close()
-                with contextlib.suppress(Exception):
-                    await asyncio.wait_for(writer.wait_closed(), 5)
-            finally:
-                self._tasks.discard(task)
+        await run_tracked(self._tasks, self._serve(reader, writer), writer, log, self.kind.value)
 
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         services = self.services
         if self.unix:
-            client = "unix"
+            peer_address = "unix"
         else:
             peer = writer.get_extra_info("peername")
-            client = str(peer[0]) if peer else "unknown"
-        if services.trusted.is_trusted(client):
-            try:
-                # An implicit-TLS listener leaves reading paused: start_tls resumes it, so the
-                # ClientHello (possibly in the same segment) goes to the TLS layer.
-                header = await read_proxy_header(
-                    writer, _PROXY_TIMEOUT, resume=self.kind is not ListenerKind.SUBMISSIONS
-                )
-            except (ProxyError, TimeoutError, asyncio.IncompleteReadError, OSError) as e:
-                log.warning("refused %s: bad PROXY header (%s)", client, type(e).__name__)
-                return
-            if header.source is not None:
-                client = header.source[0]
+            peer_address = str(peer[0]) if peer else "unknown"
+        found = await client_address(
+            writer,
+            services.trusted,
+            log,
+            peer=peer_address,
+            implicit_tls=self.kind is ListenerKind.SUBMISSIONS,
+        )
+        if found is None:
+            return
+        client = found
         if self.stopping:
             return
         limiter = services.limiter
