@@ -103,8 +103,8 @@ from mailharbor.cluster.witness import Kind, LeaseClient, LeaseEvent, WitnessErr
 from mailharbor.repl.barrier import BarrierMode
 from mailharbor.repl.role import RoleError
 from mailharbor.repl.state import Role
+from mailharbor.server.listener import split_endpoint
 from mailharbor.server.repl import Replicator
-from mailharbor.server.smtp import split_endpoint
 from mailharbor.server.witness import cluster_id
 from mailharbor.store import DurabilityBarrier, StoreState
 

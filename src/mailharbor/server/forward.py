@@ -63,7 +63,7 @@ from dataclasses import dataclass
 from enum import Enum
 
 from mailharbor.proto.proxy import build_v2
-from mailharbor.server.smtp import split_endpoint
+from mailharbor.server.listener import split_endpoint
 
 __all__ = ["RETRY", "ForwardOptions", "Forwarder", "Route", "RouteKind"]
 

@@ -62,13 +62,11 @@ from mailharbor.proto.imap import (
 from mailharbor.proto.imap import commands as c
 from mailharbor.proto.imap import responses as r
 from mailharbor.proto.smtp import AuthFailures
-from mailharbor.server.listener import client_address, run_tracked
+from mailharbor.server.listener import TLS_HANDSHAKE_TIMEOUT, ConnectionLimiter, Listener
 from mailharbor.server.proxy import (
     TrustedProxies,
     looks_like_proxy,
-    proxy_aware,
 )
-from mailharbor.server.smtp import ConnectionLimiter, split_endpoint
 from mailharbor.service.auth import Authenticator, AuthStatus
 from mailharbor.service.mailbox import (
     DELIMITER,
@@ -91,7 +89,6 @@ __all__ = ["ImapListener", "ImapOptions", "ImapServices"]
 
 log = logging.getLogger("mailharbor.imap")
 
-_TLS_TIMEOUT = 30.0
 _WRITE_TIMEOUT = 120.0
 _WRITE_HIGH_WATER = 256 * 1024
 
@@ -133,94 +130,37 @@ class ImapServices:
         self.trusted = TrustedProxies(self.options.trusted_proxies)
 
 
-class ImapListener:
+class ImapListener(Listener):
     """One listening endpoint (plain with STARTTLS, or implicit TLS)."""
 
+    log = log
+    label = "imap"
+
     def __init__(self, endpoint: str, services: ImapServices, *, implicit_tls: bool) -> None:
-        self.endpoint = endpoint
         self.services = services
-        self.implicit_tls = implicit_tls
-        self.bound: list[tuple[str, int]] = []
-        self._server: asyncio.Server | None = None
-        self._tasks: set[asyncio.Task[None]] = set()
-        self._stop: asyncio.Future[None] | None = None
-        self.stopping = False
-        if implicit_tls and services.tls is None:
-            raise ValueError("the implicit-TLS IMAP listener needs the TLS certificate")
+        assert services.limiter is not None
+        super().__init__(
+            endpoint,
+            trusted=services.trusted,
+            limiter=services.limiter,
+            tls=services.tls,
+            implicit_tls=implicit_tls,
+        )
 
     def __repr__(self) -> str:
         return f"ImapListener({self.endpoint}{', tls' if self.implicit_tls else ''})"
 
-    async def start(self) -> None:
-        """Bind and listen. Raises OSError when the address is unusable."""
-        self._stop = asyncio.get_running_loop().create_future()
-        host, port = split_endpoint(self.endpoint)
-        self._server = await asyncio.start_server(
-            proxy_aware(self._accept, self.services.trusted), host, port, reuse_address=True
-        )
-        for s in self._server.sockets:
-            addr = s.getsockname()
-            self.bound.append((str(addr[0]), int(addr[1])))
-        log.info("imap listener on %s%s", self.endpoint, " (TLS)" if self.implicit_tls else "")
-
     async def stop(self, grace: float = 30.0) -> None:
         """Stop accepting; sessions send ``* BYE`` after their command in progress."""
-        self.stopping = True
-        if self._server is not None:
-            self._server.close()
-        if self._stop is not None and not self._stop.done():
-            self._stop.set_result(None)
-        if self._tasks:
-            _, pending = await asyncio.wait(list(self._tasks), timeout=grace)
-            for t in pending:
-                t.cancel()
-            if pending:
-                await asyncio.wait(pending, timeout=5)
-        log.info("imap listener on %s stopped", self.endpoint)
+        await super().stop(grace)
 
-    @property
-    def stop_future(self) -> asyncio.Future[None]:
-        assert self._stop is not None
-        return self._stop
+    def _busy_reply(self) -> bytes:
+        return b"* BYE [UNAVAILABLE] Too many connections, try again later\r\n"
 
-    async def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        await run_tracked(self._tasks, self._serve(reader, writer), writer, log, "imap")
-
-    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        services = self.services
-        peer = writer.get_extra_info("peername")
-        found = await client_address(
-            writer,
-            services.trusted,
-            log,
-            peer=str(peer[0]) if peer else "unknown",
-            implicit_tls=self.implicit_tls,
-        )
-        if found is None:
-            return
-        client = found
-        if self.stopping:
-            return
-        limiter = services.limiter
-        assert limiter is not None
-        if not limiter.acquire(client):
-            log.warning("refused IMAP client %s: too many connections", client)
-            with contextlib.suppress(Exception):
-                writer.write(b"* BYE [UNAVAILABLE] Too many connections, try again later\r\n")
-                await asyncio.wait_for(writer.drain(), 5)
-            return
-        try:
-            if self.implicit_tls:
-                assert services.tls is not None
-                try:
-                    await writer.start_tls(services.tls, ssl_handshake_timeout=_TLS_TIMEOUT)
-                except (OSError, ssl.SSLError, TimeoutError) as e:
-                    log.info("TLS handshake with %s failed: %s", client, type(e).__name__)
-                    return
-            session = _Session(self, reader, writer, client, self.implicit_tls)
-            await session.run()
-        finally:
-            limiter.release(client)
+    async def _session(
+        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, client: str, tls: bool
+    ) -> None:
+        await _Session(self, reader, writer, client, tls).run()
 
 
 # -- the session ---------------------------------------------------------------------------------
@@ -527,7 +467,9 @@ class _Session:
             # plaintext stream reader.
             self.writer.write(self.conn.data_to_send())
             assert self.services.tls is not None
-            await self.writer.start_tls(self.services.tls, ssl_handshake_timeout=_TLS_TIMEOUT)
+            await self.writer.start_tls(
+                self.services.tls, ssl_handshake_timeout=TLS_HANDSHAKE_TIMEOUT
+            )
             self.tls = True
             self.conn.starttls_done()
             return

@@ -64,13 +64,11 @@ from mailharbor.proto.pop3 import (
     ok,
 )
 from mailharbor.proto.smtp import AuthFailures
-from mailharbor.server.listener import client_address, run_tracked
+from mailharbor.server.listener import TLS_HANDSHAKE_TIMEOUT, ConnectionLimiter, Listener
 from mailharbor.server.proxy import (
     TrustedProxies,
     looks_like_proxy,
-    proxy_aware,
 )
-from mailharbor.server.smtp import ConnectionLimiter, split_endpoint
 from mailharbor.service.auth import Authenticator, AuthStatus
 from mailharbor.service.maildrop import Maildrop, MaildropInUse, MaildropLocks, MessageGone
 from mailharbor.store import NotFound, Store, StoreError
@@ -92,7 +90,6 @@ R_NO_MAILBOX = err("Mailbox unavailable", "SYS/PERM")
 R_GONE = err("Message was removed by another session")
 R_UNAVAILABLE = err("Message unavailable, try again later", "SYS/TEMP")
 R_UPDATE_FAILED = err("Deletions could not be committed; nothing was removed", "SYS/TEMP")
-_TLS_TIMEOUT = 30.0
 _WRITE_HIGH_WATER = 64 * 1024
 
 
@@ -130,102 +127,44 @@ class Pop3Services:
         self.trusted = TrustedProxies(self.options.trusted_proxies)
 
 
-class Pop3Listener:
-    """One listening endpoint (``implicit_tls``: port 995 style); see the module docstring."""
+class Pop3Listener(Listener):
+    """One listening endpoint: POP3 with STLS (110), or implicit TLS (POP3S, 995)."""
+
+    log = log
 
     def __init__(
         self, endpoint: str, services: Pop3Services, *, implicit_tls: bool = False
     ) -> None:
-        if implicit_tls and services.tls is None:
-            raise ValueError("the implicit-TLS POP3 listener needs the TLS certificate")
-        self.endpoint = endpoint
         self.services = services
-        self.implicit_tls = implicit_tls
-        self.bound: list[tuple[str, int]] = []
-        self._server: asyncio.Server | None = None
-        self._tasks: set[asyncio.Task[None]] = set()
-        self._stop: asyncio.Future[None] | None = None
-        self.stopping = False
+        self.label = "pop3s" if implicit_tls else "pop3"
+        assert services.limiter is not None
+        super().__init__(
+            endpoint,
+            trusted=services.trusted,
+            limiter=services.limiter,
+            tls=services.tls,
+            implicit_tls=implicit_tls,
+        )
 
     def __repr__(self) -> str:
-        return f"Pop3Listener({'pop3s' if self.implicit_tls else 'pop3'}, {self.endpoint})"
-
-    async def start(self) -> None:
-        """Bind and listen. Raises OSError when the address is unusable."""
-        self._stop = asyncio.get_running_loop().create_future()
-        host, port = split_endpoint(self.endpoint)
-        self._server = await asyncio.start_server(
-            proxy_aware(self._accept, self.services.trusted), host, port, reuse_address=True
-        )
-        for s in self._server.sockets:
-            addr = s.getsockname()
-            self.bound.append((str(addr[0]), int(addr[1])))
-        log.info("%r listening", self)
+        return f"Pop3Listener({self.label}, {self.endpoint})"
 
     async def stop(self, grace: float | None = None) -> None:
         """Stop accepting, ``-ERR`` to every session waiting for a command, let an UPDATE in
         flight finish within ``grace`` seconds (default ``stop_grace``), then close."""
-        if grace is None:
-            grace = self.services.options.stop_grace
-        self.stopping = True
-        if self._server is not None:
-            self._server.close()
-        if self._stop is not None and not self._stop.done():
-            self._stop.set_result(None)
-        if self._tasks:
-            _, pending = await asyncio.wait(list(self._tasks), timeout=grace + 5)
-            for t in pending:
-                t.cancel()
-            if pending:
-                await asyncio.wait(pending, timeout=5)
-        log.info("%r stopped", self)
+        await super().stop(self.services.options.stop_grace if grace is None else grace)
 
-    @property
-    def stop_future(self) -> asyncio.Future[None]:
-        assert self._stop is not None
-        return self._stop
+    def _busy_reply(self) -> bytes:
+        return R_BUSY.to_bytes()
 
-    async def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        await run_tracked(self._tasks, self._serve(reader, writer), writer, log, "POP3")
-
-    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        services = self.services
-        peer = writer.get_extra_info("peername")
-        found = await client_address(
-            writer,
-            services.trusted,
-            log,
-            peer=str(peer[0]) if peer else "unknown",
-            implicit_tls=self.implicit_tls,
-        )
-        if found is None:
-            return
-        client = found
-        if self.stopping:
-            return
-        limiter = services.limiter
-        assert limiter is not None
-        if not limiter.acquire(client):
-            log.warning("refused %s on %r: too many connections", client, self)
-            with contextlib.suppress(Exception):
-                writer.write(R_BUSY.to_bytes())
-                await asyncio.wait_for(writer.drain(), 5)
-            return
+    async def _session(
+        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, client: str, tls: bool
+    ) -> None:
+        session = _Session(self, reader, writer, client)
         try:
-            if self.implicit_tls:
-                assert services.tls is not None
-                try:
-                    await writer.start_tls(services.tls, ssl_handshake_timeout=_TLS_TIMEOUT)
-                except (OSError, ssl.SSLError, TimeoutError) as e:
-                    log.info("TLS handshake with %s failed: %s", client, type(e).__name__)
-                    return
-            session = _Session(self, reader, writer, client)
-            try:
-                await session.run()
-            finally:
-                session.release()
+            await session.run()
         finally:
-            limiter.release(client)
+            session.release()
 
 
 class _Session:
@@ -426,6 +365,6 @@ class _Session:
         # ClientHello must not be read by the plaintext stream reader.
         self.writer.write(self.conn.data_to_send())
         assert self.services.tls is not None
-        await self.writer.start_tls(self.services.tls, ssl_handshake_timeout=_TLS_TIMEOUT)
+        await self.writer.start_tls(self.services.tls, ssl_handshake_timeout=TLS_HANDSHAKE_TIMEOUT)
         self.conn.starttls_done()
         return b""

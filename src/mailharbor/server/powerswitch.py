@@ -35,7 +35,7 @@ import signal
 import sys
 import time
 
-from mailharbor.server.smtp import split_endpoint
+from mailharbor.server.listener import split_endpoint
 
 __all__ = ["PowerSwitch", "main"]
 

@@ -49,6 +49,10 @@ class TrustedProxies:
         )
 
     def is_trusted(self, address: str) -> bool:
+        """``address`` (text) is in one of the networks (an IPv4-mapped IPv6 address counts as
+        its IPv4 address); False for anything that is not an IP address."""
+        if not self.networks:
+            return False
         try:
             ip = ipaddress.ip_address(address)
         except ValueError:

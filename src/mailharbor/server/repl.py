@@ -126,7 +126,7 @@ from mailharbor.repl.state import (
 from mailharbor.repl.state import (
     Protocol as ReplProtocol,
 )
-from mailharbor.server.smtp import split_endpoint
+from mailharbor.server.listener import split_endpoint
 from mailharbor.service.merge import BranchSpool, MergeError, merge_branch
 from mailharbor.store import DurabilityBarrier, Store, StoreError, StoreIOError, StoreState
 from mailharbor.store.store import SnapshotExport

@@ -41,15 +41,11 @@ Invariants
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import enum
 import logging
-import os
 import ssl
-import stat
 import sys
 import time
-from collections import Counter
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
@@ -78,13 +74,11 @@ from mailharbor.proto.smtp import (
     SmtpServerConnection,
     StartTls,
     State,
-    address_key,
 )
-from mailharbor.server.listener import client_address, run_tracked
+from mailharbor.server.listener import TLS_HANDSHAKE_TIMEOUT, ConnectionLimiter, Listener
 from mailharbor.server.proxy import (
     TrustedProxies,
     looks_like_proxy,
-    proxy_aware,
 )
 from mailharbor.service.auth import Authenticator, AuthStatus
 from mailharbor.service.delivery import (
@@ -98,7 +92,7 @@ from mailharbor.service.delivery import (
 from mailharbor.service.mx import parse_hostport
 from mailharbor.service.rdns import UNKNOWN, ReverseResolver
 
-__all__ = ["ConnectionLimiter", "ListenerKind", "SmtpListener", "SmtpOptions", "SmtpServices"]
+__all__ = ["ListenerKind", "SmtpListener", "SmtpOptions", "SmtpServices"]
 
 log = logging.getLogger("mailharbor.smtp")
 
@@ -113,7 +107,6 @@ R_AUTH_FAILED = Reply(535, "5.7.8", "Authentication credentials invalid")
 R_AUTH_TEMP = Reply(454, "4.7.0", "Temporary authentication failure")
 R_RCPT_OK = Reply(250, "2.1.5", "Ok")
 _IN_MESSAGE = (State.DATA, State.BDAT, State.BDAT_TXN)
-_TLS_TIMEOUT = 30.0
 _WRITE_HIGH_WATER = 64 * 1024
 
 
@@ -141,31 +134,6 @@ class SmtpOptions:
     reverse_dns: bool = False  # the [smtp] default is on; off here so tests never touch DNS
     rdns_resolver: str = ""
     rdns_timeout: float = 2.0
-
-
-class ConnectionLimiter:
-    """Counts open sessions globally and per client address key."""
-
-    def __init__(self, total: int, per_client: int) -> None:
-        self.total = total
-        self.per_client = per_client
-        self.open = 0
-        self._by_client: Counter[str] = Counter()
-
-    def acquire(self, client: str) -> bool:
-        key = address_key(client)
-        if self.open >= self.total or self._by_client[key] >= self.per_client:
-            return False
-        self.open += 1
-        self._by_client[key] += 1
-        return True
-
-    def release(self, client: str) -> None:
-        key = address_key(client)
-        self.open -= 1
-        self._by_client[key] -= 1
-        if self._by_client[key] <= 0:
-            del self._by_client[key]
 
 
 @dataclass
@@ -196,130 +164,52 @@ class SmtpServices:
             self.rdns = ReverseResolver(nameservers=ns, port=port, timeout=o.rdns_timeout)
 
 
-def split_endpoint(endpoint: str) -> tuple[str | None, int]:
-    """``"host:port"`` / ``"[v6]:port"`` / ``":port"`` → (host or None for all, port)."""
-    host, _, port = endpoint.rpartition(":")
-    if host.startswith("[") and host.endswith("]"):
-        host = host[1:-1]
-    return (host or None), int(port)
-
-
-class SmtpListener:
+class SmtpListener(Listener):
     """One listening endpoint of one kind; see the module docstring."""
 
+    log = log
+
     def __init__(self, kind: ListenerKind, endpoint: str, services: SmtpServices) -> None:
-        self.kind = kind
-        self.endpoint = endpoint
-        self.services = services
-        self.unix = "/" in endpoint and not endpoint.startswith("[")
-        self.bound: list[tuple[str, int]] = []
-        self._server: asyncio.Server | None = None
-        self._tasks: set[asyncio.Task[None]] = set()
-        self._sessions: set[_Session] = set()
-        self._stop: asyncio.Future[None] | None = None
-        self.stopping = False
         if kind in (ListenerKind.SUBMISSION, ListenerKind.SUBMISSIONS) and services.tls is None:
             raise ValueError(f"the {kind.value} listener needs the TLS certificate")
+        self.kind = kind
+        self.label = kind.value
+        self.services = services
+        self._sessions: set[_Session] = set()
+        assert services.limiter is not None
+        super().__init__(
+            endpoint,
+            trusted=services.trusted,
+            limiter=services.limiter,
+            tls=services.tls,
+            implicit_tls=kind is ListenerKind.SUBMISSIONS,
+            unix="/" in endpoint and not endpoint.startswith("["),
+        )
 
     def __repr__(self) -> str:
         return f"SmtpListener({self.kind.value}, {self.endpoint})"
 
-    async def start(self) -> None:
-        """Bind and listen. Raises OSError when the address is unusable."""
-        self._stop = asyncio.get_running_loop().create_future()
-        if self.unix:
-            with contextlib.suppress(FileNotFoundError):
-                if stat.S_ISSOCK(os.lstat(self.endpoint).st_mode):
-                    os.unlink(self.endpoint)
-            self._server = await asyncio.start_unix_server(self._accept, self.endpoint)
-            os.chmod(self.endpoint, 0o660)
-        else:
-            host, port = split_endpoint(self.endpoint)
-            self._server = await asyncio.start_server(
-                proxy_aware(self._accept, self.services.trusted), host, port, reuse_address=True
-            )
-            for s in self._server.sockets:
-                addr = s.getsockname()
-                self.bound.append((str(addr[0]), int(addr[1])))
-        log.info("%s listener on %s", self.kind.value, self.endpoint)
-
     async def stop(self, grace: float | None = None) -> None:
         """Stop accepting, send 421 to idle sessions, let messages in flight finish within
         ``grace`` seconds (default ``smtp.stop_grace``), then close everything."""
-        if grace is None:
-            grace = self.services.options.stop_grace
-        self.stopping = True
-        if self._server is not None:
-            self._server.close()
-        if self._stop is not None and not self._stop.done():
-            self._stop.set_result(None)
-        deadline = asyncio.get_running_loop().time() + grace
+        await super().stop(self.services.options.stop_grace if grace is None else grace)
+
+    def _stopping(self, deadline: float) -> None:
         for s in list(self._sessions):
             s.shutdown(deadline)
-        if self._tasks:
-            _, pending = await asyncio.wait(list(self._tasks), timeout=grace + 5)
-            for t in pending:
-                t.cancel()
-            if pending:
-                await asyncio.wait(pending, timeout=5)
-        if self.unix:
-            with contextlib.suppress(OSError):
-                os.unlink(self.endpoint)
-        log.info("%s listener on %s stopped", self.kind.value, self.endpoint)
 
-    async def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        await run_tracked(self._tasks, self._serve(reader, writer), writer, log, self.kind.value)
+    def _busy_reply(self) -> bytes:
+        return R_BUSY.to_bytes()
 
-    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        services = self.services
-        if self.unix:
-            peer_address = "unix"
-        else:
-            peer = writer.get_extra_info("peername")
-            peer_address = str(peer[0]) if peer else "unknown"
-        found = await client_address(
-            writer,
-            services.trusted,
-            log,
-            peer=peer_address,
-            implicit_tls=self.kind is ListenerKind.SUBMISSIONS,
-        )
-        if found is None:
-            return
-        client = found
-        if self.stopping:
-            return
-        limiter = services.limiter
-        assert limiter is not None
-        if not limiter.acquire(client):
-            log.warning("refused %s on %s: too many connections", client, self.kind.value)
-            with contextlib.suppress(Exception):
-                writer.write(R_BUSY.to_bytes())
-                await asyncio.wait_for(writer.drain(), 5)
-            return
+    async def _session(
+        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, client: str, tls: bool
+    ) -> None:
+        session = _Session(self, reader, writer, client, tls)
+        self._sessions.add(session)
         try:
-            tls = False
-            if self.kind is ListenerKind.SUBMISSIONS:
-                assert services.tls is not None
-                try:
-                    await writer.start_tls(services.tls, ssl_handshake_timeout=_TLS_TIMEOUT)
-                except (OSError, ssl.SSLError, TimeoutError) as e:
-                    log.info("TLS handshake with %s failed: %s", client, type(e).__name__)
-                    return
-                tls = True
-            session = _Session(self, reader, writer, client, tls)
-            self._sessions.add(session)
-            try:
-                await session.run()
-            finally:
-                self._sessions.discard(session)
+            await session.run()
         finally:
-            limiter.release(client)
-
-    @property
-    def stop_future(self) -> asyncio.Future[None]:
-        assert self._stop is not None
-        return self._stop
+            self._sessions.discard(session)
 
 
 class _Session:
@@ -740,7 +630,7 @@ class _Session:
         self.writer.write(bytes(self._outbuf) + self.conn.data_to_send())
         self._outbuf.clear()
         assert self.services.tls is not None
-        await self.writer.start_tls(self.services.tls, ssl_handshake_timeout=_TLS_TIMEOUT)
+        await self.writer.start_tls(self.services.tls, ssl_handshake_timeout=TLS_HANDSHAKE_TIMEOUT)
         self.tls = True
         self.account = None
         self._reset()

@@ -50,7 +50,7 @@ from pathlib import Path
 
 from mailharbor.cluster.witness import REQUEST_SIZE, Witness, WitnessError
 from mailharbor.config import ConfigError, parse_duration
-from mailharbor.server.smtp import split_endpoint
+from mailharbor.server.listener import split_endpoint
 from mailharbor.store.fsio import write_atomic
 
 __all__ = [

@@ -15,6 +15,7 @@ Invariants:
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 from collections import OrderedDict
 from collections.abc import Callable
@@ -23,8 +24,10 @@ from dataclasses import dataclass
 __all__ = ["AuthFailures", "address_key"]
 
 
+@functools.lru_cache(maxsize=4096)
 def address_key(address: str) -> str:
-    """The counting key for a client address: IPv4 as is, IPv6 as its /64, other text as is."""
+    """The counting key for a client address: IPv4 as is, IPv6 as its /64, other text as is.
+    (Cached: it runs for every connection's limit slot, taken and given back.)"""
     try:
         ip = ipaddress.ip_address(address)
     except ValueError:
