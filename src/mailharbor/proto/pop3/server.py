@@ -55,6 +55,7 @@ from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+from ..lines import TOO_LONG, LineTaker
 from .events import (
     NEED_DATA,
     PAUSED,
@@ -242,7 +243,7 @@ class Pop3ServerConnection:
         self._owed_top: int | None = None
         self._bad_commands = 0
         self._commands_before_auth = 0
-        self._discarding_line = False
+        self._lines = LineTaker(self._line_limit)
         self._pending_user: str | None = None
         self._login: AuthRequest | None = None
         self._sizes: tuple[int, ...] = ()
@@ -389,29 +390,15 @@ class Pop3ServerConnection:
 
     def _take_line(self) -> bytes | Event | None:
         """One line without its terminator; an Event for a refused line; None: wait."""
-        while True:
-            idx = self._in.find(b"\n")
-            if self._discarding_line:
-                if idx < 0:
-                    self._in.clear()
-                    return None
-                del self._in[: idx + 1]
-                self._discarding_line = False
-                if self.state is State.SASL:
-                    self.state = State.AUTHORIZATION
-                return self._violation(Pop3ProtocolError(_R_TOO_LONG), "line too long")
-            limit = self._line_limit()
-            if idx < 0:
-                if len(self._in) >= limit:
-                    self._discarding_line = True
-                    continue
-                return None
-            if idx + 1 > limit:
-                self._discarding_line = True
-                continue
-            line = bytes(self._in[:idx])
-            del self._in[: idx + 1]
-            return line[:-1] if line.endswith(b"\r") else line
+        line = self._lines.take(self._in)
+        if line is None:
+            return None
+        if line is TOO_LONG:
+            if self.state is State.SASL:
+                self.state = State.AUTHORIZATION
+            return self._violation(Pop3ProtocolError(_R_TOO_LONG), "line too long")
+        assert isinstance(line, bytes)
+        return line[:-1] if line.endswith(b"\r") else line
 
     # ----------------------------------------------------------------- commands
 

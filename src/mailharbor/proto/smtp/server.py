@@ -59,6 +59,7 @@ from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+from ..lines import TOO_LONG, LineTaker
 from .events import (
     NEED_DATA,
     PAUSED,
@@ -282,7 +283,7 @@ class SmtpServerConnection:
         self._owed: _Owed | None = None
         self._bad_commands = 0
         self._commands_before_tls = 0
-        self._discarding_line = False
+        self._lines = LineTaker(self._line_limit)
         # transaction
         self._smtputf8 = False
         self._accepted = 0
@@ -458,33 +459,19 @@ class SmtpServerConnection:
 
     def _take_line(self) -> bytes | Event | None:
         """One command line without its terminator; an Event for a refused line; None: wait."""
-        while True:
-            idx = self._in.find(b"\n")
-            if self._discarding_line:
-                if idx < 0:
-                    self._in.clear()
-                    return None
-                del self._in[: idx + 1]
-                self._discarding_line = False
-                if self.state is State.AUTH:
-                    self.state = State.READY
-                return self._violation(SmtpProtocolError(_R_TOO_LONG), "line too long")
-            limit = self._line_limit()
-            if idx < 0:
-                if len(self._in) >= limit:
-                    self._discarding_line = True
-                    continue
-                return None
-            if idx + 1 > limit:
-                self._discarding_line = True
-                continue
-            line = bytes(self._in[:idx])
-            del self._in[: idx + 1]
-            if line.endswith(b"\r"):
-                return line[:-1]
-            if self.config.bare_newline is BareNewline.STRICT:
-                return self._violation(SmtpProtocolError(_R_BARE_LF), "bare LF in command")
-            return line
+        line = self._lines.take(self._in)
+        if line is None:
+            return None
+        if line is TOO_LONG:
+            if self.state is State.AUTH:
+                self.state = State.READY
+            return self._violation(SmtpProtocolError(_R_TOO_LONG), "line too long")
+        assert isinstance(line, bytes)
+        if line.endswith(b"\r"):
+            return line[:-1]
+        if self.config.bare_newline is BareNewline.STRICT:
+            return self._violation(SmtpProtocolError(_R_BARE_LF), "bare LF in command")
+        return line
 
     # ----------------------------------------------------------------- commands
 
