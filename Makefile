@@ -61,7 +61,7 @@ lint: venv
 
 test: venv apt
 	@tools/cleanup.sh
-	MH_FAULT_STRICT=1 $(BIN)/pytest -p no:cacheprovider -m 'not soak' \
+	MH_FAULT_STRICT=1 $(BIN)/pytest -p no:cacheprovider -m 'not soak' --durations=20 \
 		--timeout=$(TEST_TIMEOUT) --session-timeout=$(TEST_SESSION_TIMEOUT) $(PYTEST_ARGS)
 
 soak: venv apt

@@ -52,8 +52,8 @@ class Plan:
     rounds: int
 
 
-QUICK = Plan(quick=True, messages=500, warmup=100, rounds=2)
-FULL = Plan(quick=False, messages=2000, warmup=200, rounds=2)
+QUICK = Plan(quick=True, messages=500, warmup=100, rounds=3)
+FULL = Plan(quick=False, messages=2000, warmup=200, rounds=3)
 
 
 def log(msg: str) -> None:
