@@ -1451,6 +1451,67 @@ def test_failing_barrier_fails_the_commit_and_shows_nothing(store: Store, alice:
     assert len(store.index.mailboxes[box]) == 0
 
 
+class StepBarrier:
+    """A durability barrier that holds each wait until that LSN is released."""
+
+    def __init__(self) -> None:
+        self.waits: list[int] = []
+        self.released = 0
+        self._changed = asyncio.Event()
+
+    async def wait(self, lsn: int) -> None:
+        self.waits.append(lsn)
+        while self.released < lsn:
+            self._changed.clear()
+            await self._changed.wait()
+
+    def release(self, lsn: int) -> None:
+        self.released = max(self.released, lsn)
+        self._changed.set()
+
+
+@pytest.mark.timeout(60)
+def test_next_batch_is_fsynced_while_the_previous_waits_for_the_barrier(
+    store: Store, alice: bytes
+) -> None:
+    """Group commit is pipelined: batch 2 is made durable locally while batch 1 still waits for
+    the peer; nothing becomes visible (or returns) before the barrier released it, and batches
+    are released in LSN order."""
+    box = inbox(store, alice)
+
+    async def main() -> None:
+        barrier = StepBarrier()
+        store.barrier = barrier
+
+        async def commit(body: bytes) -> int:
+            async with store.transaction() as t:
+                t.deliver(t.put_blob(body), [box])
+            return store.visible_lsn
+
+        fsyncs = store.stats_fsyncs
+        first = asyncio.create_task(commit(b"first"))
+        await until(lambda: len(barrier.waits) == 1)
+        lsn1 = barrier.waits[0]
+        second = asyncio.create_task(commit(b"second"))
+        # The second batch gets its own fsync while the first is still held by the barrier.
+        await until(lambda: store.durable_lsn > lsn1)
+        assert store.stats_fsyncs - fsyncs == 2
+        assert store.visible_lsn < lsn1 and not first.done() and not second.done()
+        assert len(store.index.mailboxes[box]) == 0
+        barrier.release(lsn1)
+        await first
+        assert len(store.index.mailboxes[box]) == 1 and not second.done()
+        await until(lambda: len(barrier.waits) == 2)
+        lsn2 = barrier.waits[1]
+        assert lsn2 > lsn1 and store.visible_lsn == lsn1
+        barrier.release(lsn2)
+        await second
+        assert message_hashes(store, box) == {1: blob_hash(b"first"), 2: blob_hash(b"second")}
+        store.barrier = None
+
+    asyncio.run(main())
+
+
 @pytest.mark.timeout(60)
 def test_refused_sync_commit_under_a_barrier_never_becomes_visible(
     store: Store, alice: bytes

@@ -987,6 +987,8 @@ class Store:
         self._waiters: deque[tuple[int, asyncio.Future[None]]] = deque()
         self._settle_waiters: list[asyncio.Future[None]] = []
         self._flusher: asyncio.Task[None] | None = None
+        self._acker: asyncio.Task[None] | None = None
+        self._ack_target = 0  # highest fsynced LSN handed to the ack stage
         self._executor: ThreadPoolExecutor | None = None
         self._frame_listeners: list[Callable[[int, bytes], None]] = []
         self._commit_listeners: list[Callable[[CommitEvent], None]] = []
@@ -1607,12 +1609,24 @@ class Store:
         if self._flusher is None or self._flusher.done():
             self._flusher = asyncio.get_running_loop().create_task(self._flush_loop())
 
+    def _flushing(self) -> bool:
+        """A flush or ack stage task is still running."""
+        return any(t is not None and not t.done() for t in (self._flusher, self._acker))
+
     async def _flush_loop(self) -> None:
+        """Group commit, the fsync stage: each turn fsyncs what was appended since the last one
+        (one fsync for all the transactions in it). Without a durability barrier the batch is
+        applied (visible, its commits return) right here. With one, the batch goes to the ack
+        stage (:meth:`_ack_loop`) and the next turn starts at once: the local fsync of batch
+        N+1 overlaps the wait for the peer's acknowledgement of batch N (the frames were
+        shipped when appended). The loop ends when everything appended is fsynced."""
         loop = asyncio.get_running_loop()
         if self._executor is None:
             self._executor = ThreadPoolExecutor(1, thread_name_prefix="mh-fsync")
         while self._pending and self.state == StoreState.OPEN:
             target = self._next_lsn - 1
+            if self.barrier is not None and target <= self._durable_lsn:
+                return  # all fsynced; the ack stage holds the rest
             files = self._take_unsynced()
             try:
                 if files:
@@ -1625,13 +1639,33 @@ class Store:
                     self._close_sealed(files)
                 self._durable_lsn = max(self._durable_lsn, target)
                 if self.barrier is not None:
-                    await self.barrier.wait(target)
+                    self._ack_target = max(self._ack_target, target)
+                    if self._acker is None or self._acker.done():
+                        self._acker = loop.create_task(self._ack_loop())
+                    continue
                 self._apply_upto(target)
             except OSError as e:
                 self._fail(e)
             except StoreError:
                 pass  # _apply_upto already failed the store
-            except Exception as e:  # a barrier failure: nothing in the batch is acknowledged
+
+    async def _ack_loop(self) -> None:
+        """Group commit, the ack stage (with a durability barrier): in LSN order, wait until the
+        barrier releases the fsynced batches up to ``_ack_target`` (batches fsynced meanwhile
+        are waited for together), then apply them. A barrier failure fails the store: nothing
+        in the batch is acknowledged."""
+        done = 0
+        while self.state == StoreState.OPEN:
+            target = self._ack_target
+            if target <= done or self.barrier is None:
+                return
+            try:
+                await self.barrier.wait(target)
+                done = target
+                self._apply_upto(target)
+            except StoreError:
+                pass  # _apply_upto already failed the store
+            except Exception as e:
                 log.error("durability barrier failed: %s", e)
                 self._fail(e)
 
@@ -2011,7 +2045,7 @@ class Store:
         cut: `index` is replaced). The generation is not lowered. Synchronous, blocking."""
         self._check_thread()
         self._check_writable()
-        if self._pending or (self._flusher is not None and not self._flusher.done()):
+        if self._pending or self._flushing():
             raise StoreError(
                 "cut_tail refused: commits are pending (or held by the durability barrier)"
             )
@@ -2420,6 +2454,7 @@ class Store:
         self._unsynced = []
         self._inflight = []
         self._durable_lsn = 0
+        self._ack_target = 0
         self._applied_pos = (0, 0)
         self._written_blobs = {}
         self._alloc_uid = {}
