@@ -374,6 +374,9 @@ class Index:
         self.domains: set[str] = set()
         self.aliases: dict[str, tuple[str, ...]] = {}
         self.queue: dict[bytes, QueueEntry] = {}
+        #: Bumped by every change that can make a queue entry due sooner: a new entry, a
+        #: DEFERRED result (a new ``next_ms``, e.g. an administrator's retry).
+        self.queue_changes = 0
         self.message_count = 0
         self._touched: set[bytes] = set()
         # The columns of the most recently expunged messages, node-wide and bounded, by
@@ -612,6 +615,7 @@ class Index:
                 s = self.blobs.put(rec.blob, 0, Location(0, 0, 0), None)  # see DELIVER
             if rec.entry not in self.queue:
                 self.blobs.ref(s)
+                self.queue_changes += 1
                 self.queue[rec.entry] = QueueEntry(
                     rec.entry,
                     rec.blob,
@@ -641,6 +645,7 @@ class Index:
                 q.in_flight.remove(rec.recipient)
             if rec.result == fmt.QueueResult.DEFERRED:
                 q.next_ms = rec.next_ms
+                self.queue_changes += 1
             elif rec.recipient in q.recipients:
                 q.recipients.remove(rec.recipient)
             if not q.recipients:
