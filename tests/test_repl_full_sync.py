@@ -11,6 +11,7 @@ sync. Finally A stops and B is promoted: every message acknowledged (and not del
 from __future__ import annotations
 
 import poplib
+import re
 import secrets
 from collections.abc import Iterator
 from typing import Any
@@ -130,3 +131,67 @@ def test_behind_the_horizon_full_sync_then_invalidate_then_failover(
     b.cli("repl", "primary")
     wait_for(lambda: status(b)["role"] == "Primary", 20, "B promoted")
     wait_for(lambda: sorted(pop3_message_ids(fpair.pop3["b"])) == sorted(kept), 30, "mail on B")
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(150)
+def test_a_full_sync_interrupted_by_a_kill_resumes_where_it_stopped(
+    request: pytest.FixtureRequest,
+) -> None:
+    """``repl invalidate`` on B starts a full sync (rate-limited so it takes seconds); B is
+    killed once it recorded durable progress; restarted, it asks to resume and A — still
+    holding that snapshot — sends only the rest: fewer bytes than the whole snapshot."""
+    secret = secrets.token_hex(16)
+    ports = {k: free_port() for k in ("ra", "rb", "sa", "sb")}
+    nodes: dict[str, ServeNode] = {}
+    tag = secrets.token_hex(3)
+    for me, peer, role in (("a", "b", "primary"), ("b", "a", "secondary")):
+        nodes[me] = ServeNode(
+            f"fsresume-{tag}-{me}",
+            {
+                "smtp": {"mx": [f"127.0.0.1:{ports['s' + me]}"]},
+                "replication": {
+                    "peer": f"127.0.0.1:{ports['r' + peer]}",
+                    "listen": f"127.0.0.1:{ports['r' + me]}",
+                    "secret": secret,
+                    "role": role,
+                    "ping_interval": "300ms",
+                    "ping_timeout": "1s",
+                    "ack_timeout": "3s",
+                    "resync_rate": "3MiB",
+                },
+            },
+        )
+    a, b = nodes["a"], nodes["b"]
+    try:
+        a.cli("domain", "add", "example.org")
+        a.add_account(USER, PASSWORD)
+        a.start()
+        b.start(wait_ports=False)
+        wait_for(lambda: in_sync(a, b), 30, "B in sync")
+        for i in range(14):
+            assert send(ports["sa"], f"big{i}-{tag}@resume.test", 700_000)
+        wait_for(lambda: in_sync(a, b), 30, "B has the mail")
+        b.cli("repl", "invalidate")
+        progress = b.root / "data" / "snapshot-incoming" / "PROGRESS"
+        wait_for(progress.exists, 30, "B recorded durable progress of the snapshot")
+        b.kill()
+        assert "snapshot installed" not in b.log
+        b.start(wait_ports=False)
+        wait_for(lambda: in_sync(a, b), 60, "B resumed the full sync and caught up")
+        assert "resuming the snapshot from the peer after" in b.log
+        sent = re.findall(
+            r"snapshot up to LSN \d+ sent \((\d+) byte\(s\) on this link, (\d+) of (\d+) already",
+            a.log,
+        )
+        assert sent, a.log[-4000:]
+        on_link, held, total = (int(x) for x in sent[-1])
+        print(f"resumed transfer: {on_link} of {total} bytes sent after the restart ({held} held)")
+        assert held > 0 and on_link == total - held < total
+        assert b.log.count("replication: snapshot installed") == 1
+        r = a.try_cli("repl", "verify")
+        assert r.returncode == 0 and "0 mismatch" in r.stdout, r.stdout + r.stderr
+    finally:
+        for name, n in nodes.items():
+            print(f"=== log of {name}\n{n.log[-8000:]}")  # shown when the test fails
+            n.cleanup()

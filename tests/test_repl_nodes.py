@@ -44,7 +44,13 @@ class Pair:
         protocol: str = "C",
         secret_b: str | None = None,
         replication: dict[str, Any] | None = None,
+        store: dict[str, Any] | None = None,
+        peer_ports: dict[str, int] | None = None,
+        replication_by_node: dict[str, dict[str, Any]] | None = None,
     ) -> None:
+        """``peer_ports``: the port each node connects to for its peer (e.g. a forwarder's),
+        instead of the peer's replication listener; ``replication_by_node``: settings of one
+        node's ``[replication]`` (by "a" / "b"), after ``replication``."""
         secret = secrets.token_hex(16)
         self.repl = {"a": free_port(), "b": free_port()}
         self.smtp = {"a": free_port(), "b": free_port()}
@@ -55,7 +61,7 @@ class Pair:
                 "smtp": {"mx": [f"127.0.0.1:{self.smtp[me]}"]},
                 "pop3": {"listen": [f"127.0.0.1:{self.pop3[me]}"], "allow_plaintext_auth": True},
                 "replication": {
-                    "peer": f"127.0.0.1:{self.repl[peer]}",
+                    "peer": f"127.0.0.1:{(peer_ports or self.repl)[me if peer_ports else peer]}",
                     "listen": f"127.0.0.1:{self.repl[me]}",
                     "secret": secret if me == "a" or secret_b is None else secret_b,
                     "role": role,
@@ -64,8 +70,11 @@ class Pair:
                     "ping_timeout": "1s",
                     "ack_timeout": "3s",
                     **(replication or {}),
+                    **(replication_by_node or {}).get(me, {}),
                 },
             }
+            if store:
+                settings["store"] = dict(store)
             self.nodes[me] = ServeNode(f"repl-{tag}-{me}", settings)
         self.a.cli("domain", "add", "example.org")
         self.a.add_account(USER, PASSWORD)
@@ -204,11 +213,9 @@ def pair(request: pytest.FixtureRequest) -> Iterator[Pair]:
     try:
         p.start()
         yield p
-    except BaseException:
-        for name, n in p.nodes.items():
-            print(f"=== log of {name}\n{n.log[-8000:]}")
-        raise
     finally:
+        for name, n in p.nodes.items():  # shown when the test fails
+            print(f"=== log of {name}\n{n.log[-8000:]}")
         p.cleanup()
 
 

@@ -1193,9 +1193,36 @@ class ReplicationConfig:
     )
     tls: bool = setting(
         Bool(),
-        "Encrypt the replication link with TLS (node certificates). Not supported yet: true is "
-        "refused at start-up. The link is always authenticated by the shared secret.",
+        "Encrypt the replication link with TLS, mutually verified with node certificates "
+        "(tls_cert, tls_key, tls_ca; both nodes must agree). The shared secret still "
+        "authenticates the peer and every message inside TLS.",
         False,
+    )
+    tls_cert: Path | None = setting(
+        SecretFile(),
+        "PEM file with this node's certificate (and chain) for the replication link only (not "
+        'the service certificate); it must allow client and server use. "": none.',
+        "",
+    )
+    tls_key: Path | None = setting(
+        SecretFile(),
+        'PEM file with the private key of tls_cert; keep it mode 0600. "": none.',
+        "",
+    )
+    tls_ca: Path | None = setting(
+        SecretFile(),
+        "PEM file with the CA certificate(s) the peer's node certificate must chain to (checked "
+        'both ways: a connecting peer without one is refused). "": none.',
+        "",
+    )
+    tls_peer_name: str = setting(
+        Pattern(
+            r"(?:[A-Za-z0-9](?:[A-Za-z0-9.:-]{0,251}[A-Za-z0-9])?)?",
+            'a DNS name or an IP address, or ""',
+        ),
+        "Name (DNS name or IP address) the peer's certificate must carry in its "
+        'subjectAltName, checked both ways. "": any certificate issued by tls_ca.',
+        "",
     )
 
     @property
@@ -1204,13 +1231,18 @@ class ReplicationConfig:
         return bool(self.peer)
 
     def check(self) -> None:
-        """With a peer: a listen address and a secret are required; TLS is not supported yet."""
+        """With a peer: a listen address and a secret are required; with TLS, the node
+        certificate, its key and the CA."""
         if self.tls:
-            raise ConfigError(
-                "replication.tls",
-                "TLS on the replication link is not supported yet (the link is authenticated "
-                "with the shared secret, not encrypted): set it to false",
-            )
+            for key, value in (
+                ("tls_cert", self.tls_cert),
+                ("tls_key", self.tls_key),
+                ("tls_ca", self.tls_ca),
+            ):
+                if value is None:
+                    raise ConfigError(
+                        f"replication.{key}", "is required when replication.tls is true"
+                    )
         if not self.peer:
             return
         if not self.listen:

@@ -71,7 +71,13 @@ from mailharbor.server.cluster import ClusterManager, ClusterSettings, GatedBarr
 from mailharbor.server.forward import Forwarder, ForwardOptions, Route, RouteKind
 from mailharbor.server.imap import ImapListener, ImapOptions, ImapServices
 from mailharbor.server.pop3 import Pop3Listener, Pop3Options, Pop3Services
-from mailharbor.server.repl import Replicator, ReplSettings, RoleHooks
+from mailharbor.server.repl import (
+    PeerTlsError,
+    Replicator,
+    ReplSettings,
+    RoleHooks,
+    peer_tls_contexts,
+)
 from mailharbor.server.smtp import ListenerKind, SmtpListener, SmtpOptions, SmtpServices
 from mailharbor.service import maillog
 from mailharbor.service.auth import Authenticator
@@ -125,6 +131,11 @@ def repl_settings(config: Config) -> ReplSettings:
                 "replication.secret_file",
                 f"{r.secret_file}: the first line must be 16 to 256 printable characters",
             )
+    if r.tls and r.tls_cert and r.tls_key and r.tls_ca:
+        try:  # fail at start-up with the setting's name, not at the first connection
+            peer_tls_contexts(os.fspath(r.tls_cert), os.fspath(r.tls_key), os.fspath(r.tls_ca))
+        except PeerTlsError as e:
+            raise ConfigError("replication.tls_cert", str(e)) from None
     return ReplSettings(
         name=config.node.name,
         node_id=config.node.node_id,
@@ -142,6 +153,10 @@ def repl_settings(config: Config) -> ReplSettings:
         retain_bytes=r.retain_bytes,
         # With the cluster manager the decision loop alone promotes (docs/cluster.md).
         auto_promote=not config.cluster.enabled,
+        tls_cert=os.fspath(r.tls_cert) if r.tls and r.tls_cert else "",
+        tls_key=os.fspath(r.tls_key) if r.tls and r.tls_key else "",
+        tls_ca=os.fspath(r.tls_ca) if r.tls and r.tls_ca else "",
+        tls_peer_name=r.tls_peer_name,
     )
 
 
@@ -221,10 +236,16 @@ def open_store(config: Config) -> Store:
     Must be called on the thread that will own the store. Raises StoreError (StoreLocked when
     another process holds the data directory) and OSError.
     """
+    data_dir = os.fspath(config.node.data_dir)
     store = Store.open(
-        os.fspath(config.node.data_dir),
+        data_dir,
         node_id=config.node.node_id,
         options=store_options(config),
+        # Replicated: a damaged frame in the middle of the log is cut away (kept aside) and
+        # the range fetched from the peer (docs/replication.md); standalone: refused (fsck).
+        damaged_tail_dir=(
+            os.path.join(data_dir, "quarantine") if config.replication.enabled else None
+        ),
     )
     r = store.recovery
     if r is not None:

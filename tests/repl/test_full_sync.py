@@ -25,6 +25,7 @@ class SnapLink(Link):
         self.received: dict[int, dict[str, bytearray]] = {}
         self.hold_writes: dict[int, list[S.SnapshotChunk]] = {}
         self.installed: list[int] = []
+        self.kept_id = b""  # the source's snapshot id (kept across links by the test)
 
     def handle(self, n: FakeNode, ev: S.Event) -> None:
         s = n.session
@@ -34,14 +35,18 @@ class SnapLink(Link):
             seg = b"".join(n.log)
             files = [("segment-00000001.log", seg), ("checkpoint-1.ckpt", b"ck" * 10)]
             self.files[key] = files
-            s.snapshot_ready(len(n.log), [(name, len(d)) for name, d in files])
+            if not (ev.resume_id and ev.resume_id == self.kept_id):
+                self.kept_id = bytes([len(self.installed) + 1]) * 16
+            s.snapshot_ready(len(n.log), [(name, len(d)) for name, d in files], self.kept_id)
         elif isinstance(ev, S.NeedSnapshotData):
             n.seen.append(ev)
             data = self.files[key][ev.index][1][ev.offset : ev.offset + ev.size]
             s.send_snapshot_data(data)
         elif isinstance(ev, S.SnapshotBegin):
             n.seen.append(ev)
-            self.received[key] = {}
+            kept = self.received.get(key, {})
+            # resume: keep exactly the listed files, cut to their sizes; else start empty
+            self.received[key] = {name: kept[name][:size] for name, size in ev.resume}
         elif isinstance(ev, S.SnapshotChunk):
             n.seen.append(ev)
             self.received[key].setdefault(ev.name, bytearray()).extend(ev.data)
@@ -275,3 +280,66 @@ def test_a_node_receiving_a_snapshot_is_never_promoted() -> None:
 
 def _established(n: FakeNode) -> bool:
     return n.session.phase is S.Phase.ESTABLISHED
+
+
+def test_an_interrupted_full_sync_resumes_where_the_target_stopped() -> None:
+    """Version 2: the target names the snapshot and its durable position (SNAPSHOT_RESUME);
+    the source still holding that snapshot continues there (SNAPSHOT_BEGIN at that point),
+    so the second link carries only the rest, and the result is the same log."""
+    link = _behind_horizon()
+    a, b = link.a, link.b
+    a.log = [frame(i + 1, 1, A, size=900) for i in range(100)]
+    link.hold_writes[id(b)] = []
+    link.start()
+    first = b.of(S.SnapshotBegin)
+    assert len(first) == 1 and len(first[0].snapshot_id) == 16 and first[0].resume == ()
+    link.release_writes(b)
+    link.release_writes(b)
+    a.session.close("test")  # the link drops mid-transfer
+    link.pump()
+    assert not link.installed
+    held = {k: bytes(v) for k, v in link.received[id(b)].items()}
+    progress = S.SnapshotProgress(first[0].snapshot_id, tuple((k, len(v)) for k, v in held.items()))
+    total = sum(len(d) for _, d in link.files[id(a)])
+    assert 0 < sum(len(v) for v in held.values()) < total
+    # a new link: B asks to resume; A still has the snapshot (same id)
+    h = (gen(1, 1, A),)
+    va = view(A, h, 100, role=Role.PRIMARY, retained=50)
+    vb = view(B, h, 10, disk=DiskState.INCONSISTENT)
+    p = pair(va, a.log, vb, b.log)
+    p.b.session = S.ReplSession(
+        dataclasses.replace(p.b.config, snapshot_resume=progress), p.b.view, p.b.clock
+    )
+    link2 = SnapLink(p.a, p.b)
+    link2.kept_id = link.kept_id
+    link2.received[id(p.b)] = {k: bytearray(v) for k, v in held.items()}
+    link2.start()
+    begin = link2.b.of(S.SnapshotBegin)
+    assert len(begin) == 1 and begin[0].resume == progress.files
+    sent = sum(e.size for e in link2.a.of(S.NeedSnapshotData))
+    assert sent == total - sum(len(v) for v in held.values())
+    assert link2.a.session.snapshot_resumed_at == total - sent
+    assert link2.installed == [100] and link2.b.log == a.log
+    assert link2.b.session.disk is DiskState.UP_TO_DATE
+
+
+def test_a_resume_of_an_unknown_snapshot_starts_over() -> None:
+    link = _behind_horizon()
+    progress = S.SnapshotProgress(b"Z" * 16, (("segment-00000001.log", 5),))
+    link.b.session = S.ReplSession(
+        dataclasses.replace(link.b.config, snapshot_resume=progress), link.b.view, link.b.clock
+    )
+    link.received[id(link.b)] = {"segment-00000001.log": bytearray(b"junk!")}
+    link.start()
+    begin = link.b.of(S.SnapshotBegin)
+    assert len(begin) == 1 and begin[0].resume == () and begin[0].snapshot_id != b"Z" * 16
+    assert link.installed == [100] and link.b.log == link.a.log
+
+
+def test_a_version_1_peer_gets_the_version_1_full_sync() -> None:
+    link = _behind_horizon(max_version=1)
+    link.start()
+    assert link.a.session.version == 1
+    begin = link.b.of(S.SnapshotBegin)
+    assert len(begin) == 1 and begin[0].snapshot_id == b""
+    assert link.installed == [100] and link.b.log == link.a.log

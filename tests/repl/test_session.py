@@ -41,7 +41,7 @@ def test_handshake_state_exchange_and_decision() -> None:
     link = in_sync_pair()
     a, b = link.a, link.b
     for n, peer in ((a, B), (b, A)):
-        assert n.of(S.HandshakeDone) == [S.HandshakeDone(peer, 1)]
+        assert n.of(S.HandshakeDone) == [S.HandshakeDone(peer, W.MAX_VERSION)]
         (dec,) = n.of(S.Decision)
         assert dec.outcome.rule == "rule:same-records" and dec.outcome.action is Action.IN_SYNC
         assert n.session.phase is S.Phase.ESTABLISHED
@@ -54,7 +54,7 @@ def test_handshake_state_exchange_and_decision() -> None:
     [
         ({"secret": b"another secret"}, W.RefuseReason.AUTH),
         ({"settings_hash": b"s" * 32}, W.RefuseReason.SETTINGS),
-        ({"min_version": 2, "max_version": 2}, W.RefuseReason.VERSION),
+        ({"min_version": 3, "max_version": 3}, W.RefuseReason.VERSION),
         ({"expected_peer": b"Z" * 16}, W.RefuseReason.UNEXPECTED_PEER),
     ],
 )
@@ -476,3 +476,19 @@ def test_garbage_from_the_peer_never_raises(junk: bytes, split: int, at: int) ->
     # EOF at the latest ends the link; garbage ends it with a violation, never an exception.
     assert isinstance(evs[-1], S.LinkLost)
     assert link.b.session.phase is S.Phase.CLOSED
+
+
+def test_a_link_in_sync_counts_the_peer_as_holding_the_common_records() -> None:
+    """From the decision on, the sender counts what the peer's STATE showed it holds (up to
+    the divergence point): no lag of the whole log in `repl status`, no wait at a clean stop
+    for an ack of records nobody needs to send."""
+    link = in_sync_pair(12)
+    a = link.a
+    assert a.session.peer_durable == a.session.peer_received == 12
+    assert not a.of(S.Acked)  # nothing new was acknowledged: the barrier is not told
+    # a secondary behind: the source counts what it holds, then acks raise it
+    va = view(A, (gen(1, 1, A, 1, None),), 20, P)
+    vb = view(B, (gen(1, 1, A),), 7, SEC)
+    link2 = pair(va, log_of(20), vb, log_of(7))
+    link2.start()
+    assert link2.a.session.peer_durable == 20 and link2.b.log == link2.a.log

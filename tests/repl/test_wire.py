@@ -55,6 +55,8 @@ SAMPLES: list[W.Message] = [
     W.SnapshotData("checkpoint-00000000000000000090.ckpt", 0, b""),
     W.SnapshotEnd(90, 2, 4105, b"s" * 32),
     W.SnapshotAck(4105),
+    W.SnapshotResume(77, b"i" * 16, 3, 123456),
+    W.SnapshotBegin(b"i" * 16, 78, 3, 123456, 5, 9_000_000),
 ]
 
 

@@ -51,8 +51,12 @@ adapter wrote (:meth:`snapshot_written` → SNAPSHOT_ACK). SNAPSHOT_END carries 
 LSN, file count, size and a digest of everything sent (:class:`.wire.SnapshotDigest`); the
 target checks them (else REFUSE(SNAPSHOT)), emits :class:`SnapshotInstall`, and after
 :meth:`snapshot_installed` catches up with an ordinary RESYNC_REQUEST from the snapshot's
-LSN + 1. It stays Inconsistent until that catch-up is done; an interrupted transfer is simply
-redone by the next link (the adapter's ``begin_snapshot_install`` empties what was received).
+LSN + 1. It stays Inconsistent until that catch-up is done. With wire version 2 the source
+first sends SNAPSHOT_BEGIN (the snapshot's id and where the data starts), and a target that
+durably holds part of a snapshot (``SessionConfig.snapshot_resume``) sends SNAPSHOT_RESUME
+instead of SNAPSHOT_REQUEST: if the source still has that snapshot (``NeedSnapshot.resume_id``
+answered with the same id) the transfer continues at that point, else it starts over. On a
+version 1 link an interrupted transfer is redone from the start.
 
 Disk errors: :meth:`disk_failed` (DRBD's ``on-io-error=detach``) makes this node Diskless, sends
 the peer a STATE update saying so, then drops the link with REFUSE(INGEST); the peer reports
@@ -99,6 +103,15 @@ Clock = Callable[[], float]
 
 
 @dataclass(frozen=True, slots=True)
+class SnapshotProgress:
+    """What a sync target durably holds of snapshot ``snapshot_id``: its first files, in
+    order, with their sizes (the last one may be partial)."""
+
+    snapshot_id: bytes
+    files: tuple[tuple[str, int], ...]
+
+
+@dataclass(frozen=True, slots=True)
 class SessionConfig:
     """Per-link settings. Defaults are documented here and in docs/replication.md.
 
@@ -129,6 +142,9 @@ class SessionConfig:
     live_buffer_bytes: int = 32 * 1024 * 1024
     #: This node wants a full sync whenever it receives the log (``repl invalidate``).
     full_sync: bool = False
+    #: A full sync this node received in part, durably (version 2: SNAPSHOT_RESUME asks the
+    #: source to continue it).
+    snapshot_resume: SnapshotProgress | None = None
 
 
 class SessionUsageError(Exception):
@@ -260,9 +276,14 @@ class VerifyDone:
 
 @dataclass(frozen=True, slots=True)
 class SnapshotBegin:
-    """Full sync, target: start receiving a snapshot (``store.begin_snapshot_install``)."""
+    """Full sync, target: start receiving a snapshot — ``store.begin_snapshot_install`` when
+    ``resume`` is empty, else keep exactly the files ``resume`` lists, cut to their sizes
+    (``store.resume_snapshot_install``): the source continues after them. ``snapshot_id``
+    (version 2; empty on a version 1 link) names the snapshot for a later resume."""
 
     last_lsn: int
+    snapshot_id: bytes = b""
+    resume: tuple[tuple[str, int], ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -286,8 +307,11 @@ class SnapshotInstall:
 
 @dataclass(frozen=True, slots=True)
 class NeedSnapshot:
-    """Full sync, source: take a snapshot (``store.export_snapshot()``) and pass its LSN and
-    files to ``snapshot_ready``."""
+    """Full sync, source: take a snapshot (``store.export_snapshot()``) and pass its LSN,
+    files and an id to ``snapshot_ready`` — or, when ``resume_id`` names a snapshot still
+    kept from an interrupted transfer, that one with its id (the transfer then resumes)."""
+
+    resume_id: bytes = b""
 
 
 @dataclass(frozen=True, slots=True)
@@ -456,6 +480,14 @@ TRANSITIONS: dict[tuple[Phase, Input], tuple[str, frozenset[Phase]]] = {
         "_on_snapshot_request",
         frozenset({_P.SNAPSHOT_SOURCE}),
     ),
+    (_P.SYNC_SOURCE, MsgType.SNAPSHOT_RESUME): (
+        "_on_snapshot_request",
+        frozenset({_P.SNAPSHOT_SOURCE}),
+    ),
+    (_P.SNAPSHOT_TARGET, MsgType.SNAPSHOT_BEGIN): (
+        "_on_snapshot_begin",
+        frozenset({_P.SNAPSHOT_TARGET}),
+    ),
     (_P.SNAPSHOT_SOURCE, Local.SNAPSHOT_READY): (
         "_on_snapshot_ready",
         frozenset({_P.SNAPSHOT_SOURCE}),
@@ -594,6 +626,10 @@ class ReplSession:
         self._snap_written = 0
         self._snap_end: int | None = None
         self._snap_install_asked = False
+        self._snap_begun = False  # target, version 2: SNAPSHOT_BEGIN arrived
+        self._snap_want: tuple[bytes, int, int] | None = None  # source: the target's resume
+        self.snapshot_id = b""
+        self.snapshot_resumed_at = 0  # source: snapshot bytes the target already held
         self.stats_snapshot_bytes = 0
 
     # -- public API: bytes and events ----------------------------------------------------------
@@ -668,9 +704,12 @@ class ReplSession:
         """The tail after ``after_lsn`` is cut and quarantined (answer to :class:`CutTail`)."""
         self._local(Local.TAIL_CUT, after_lsn)
 
-    def snapshot_ready(self, lsn: int, files: Sequence[tuple[str, int]]) -> None:
-        """Answer to :class:`NeedSnapshot`: the export's LSN and (name, size) of its files."""
-        self._local(Local.SNAPSHOT_READY, (lsn, tuple(files)))
+    def snapshot_ready(
+        self, lsn: int, files: Sequence[tuple[str, int]], snapshot_id: bytes = b""
+    ) -> None:
+        """Answer to :class:`NeedSnapshot`: the export's LSN, (name, size) of its files and
+        its 16-byte id (version 2; empty: a fresh random one)."""
+        self._local(Local.SNAPSHOT_READY, (lsn, tuple(files), snapshot_id))
 
     def send_snapshot_data(self, data: bytes) -> None:
         """Answer to :class:`NeedSnapshotData` (exactly the bytes asked for)."""
@@ -964,6 +1003,13 @@ class ReplSession:
         if o.action is Action.SYNC_TARGET and self.disk is not DiskState.INCONSISTENT:
             self.disk = DiskState.INCONSISTENT
             self._events.append(DiskChanged(DiskState.INCONSISTENT))
+        if self._sends_log(o):
+            # The peer's STATE says it holds our records up to the divergence point: what it
+            # confirmed before this link (status lag, the primary's drain at stop and the
+            # retention horizon count from there, not from 0 until the next ack).
+            held = min(o.divergence_lsn, self.peer.last_lsn)
+            self.peer_received = max(self.peer_received, held)
+            self.peer_durable = max(self.peer_durable, held)
         if o.branch is Branch.SEND:
             assert o.cut_local_after is not None
             self._branch_cursor = o.cut_local_after + 1
@@ -1306,25 +1352,67 @@ class ReplSession:
         self._snap_total = self._snap_written = 0
         self._snap_end = None
         self._snap_install_asked = False
+        self._snap_begun = False
         self._snap_digest = wire.SnapshotDigest()
-        self._events.append(SnapshotBegin(self._recv_next - 1))
-        self._send(wire.SnapshotRequest(self._recv_next - 1))
+        last = self._recv_next - 1
+        if self.version < 2:
+            self._events.append(SnapshotBegin(last))
+            self._send(wire.SnapshotRequest(last))
+            return Phase.SNAPSHOT_TARGET
+        # Version 2: SnapshotBegin waits for the source's SNAPSHOT_BEGIN (fresh or resumed).
+        r = self.config.snapshot_resume
+        if r is not None and r.files and len(r.snapshot_id) == wire.SNAPSHOT_ID_SIZE:
+            self._send(wire.SnapshotResume(last, r.snapshot_id, len(r.files) - 1, r.files[-1][1]))
+        else:
+            self._send(wire.SnapshotRequest(last))
+        return Phase.SNAPSHOT_TARGET
+
+    def _on_snapshot_begin(self, rec: wire.Received) -> Phase:
+        """Version 2, target: the source names its snapshot and where its data starts: from
+        the beginning, or exactly at the resume point this node asked for."""
+        msg = rec.message
+        assert isinstance(msg, wire.SnapshotBegin)
+        if self.version < 2 or self._snap_begun:
+            raise wire.UnexpectedMessage("unexpected SNAPSHOT_BEGIN")
+        kept: tuple[tuple[str, int], ...] = ()
+        if (msg.index, msg.offset) != (0, 0):
+            r = self.config.snapshot_resume
+            if (
+                r is None
+                or not r.files
+                or msg.snapshot_id != r.snapshot_id
+                or msg.index != len(r.files) - 1
+                or msg.offset != r.files[-1][1]
+            ):
+                raise wire.UnexpectedMessage("snapshot resumed at a point not asked for")
+            kept = r.files
+        self._snap_begun = True
+        self._snap_recv = dict(kept)
+        self._snap_cur = kept[-1][0] if kept else ""
+        self._snap_total = self._snap_written = sum(size for _, size in kept)
+        self._events.append(SnapshotBegin(self._recv_next - 1, msg.snapshot_id, kept))
         return Phase.SNAPSHOT_TARGET
 
     def _on_snapshot_request(self, rec: wire.Received) -> Phase:
-        assert isinstance(rec.message, wire.SnapshotRequest)
+        msg = rec.message
+        assert isinstance(msg, wire.SnapshotRequest | wire.SnapshotResume)
         if self._cursor is not None or self._snap_lsn is not None:
             raise wire.UnexpectedMessage("snapshot request during a resync")
+        self._snap_want = None
+        if isinstance(msg, wire.SnapshotResume):
+            if self.version < 2:
+                raise wire.UnexpectedMessage("SNAPSHOT_RESUME on a version 1 link")
+            self._snap_want = (msg.snapshot_id, msg.index, msg.offset)
         if self.peer_disk is not DiskState.INCONSISTENT:
             self.peer_disk = DiskState.INCONSISTENT
             self._events.append(PeerDiskChanged(DiskState.INCONSISTENT))
         self._sync_done_lsn = None
-        self._events.append(NeedSnapshot())
+        self._events.append(NeedSnapshot(self._snap_want[0] if self._snap_want else b""))
         return Phase.SNAPSHOT_SOURCE
 
     def _on_snapshot_ready(self, arg: object) -> Phase:
         assert isinstance(arg, tuple)
-        lsn, files = arg
+        lsn, files, sid = arg
         if self._snap_files is not None:
             raise SessionUsageError("snapshot_ready twice")
         if not isinstance(lsn, int) or lsn < 0 or not files:
@@ -1332,10 +1420,36 @@ class ReplSession:
         for name, size in files:
             if not wire.snapshot_name_ok(name) or size < 0:
                 raise SessionUsageError("bad snapshot file")
+        if sid and len(sid) != wire.SNAPSHOT_ID_SIZE:
+            raise SessionUsageError("a snapshot id is 16 bytes")
         self._snap_lsn = lsn
         self._snap_files = files
         self._snap_i = self._snap_off = self._snap_sent = self._snap_acked = 0
         self._snap_digest = wire.SnapshotDigest()
+        self.snapshot_resumed_at = 0
+        if self.version >= 2:
+            self.snapshot_id = sid or secrets.token_bytes(wire.SNAPSHOT_ID_SIZE)
+            want = self._snap_want
+            if (
+                want is not None
+                and want[0] == self.snapshot_id
+                and want[1] < len(files)
+                and want[2] <= files[want[1]][1]
+            ):
+                # The same snapshot: continue after what the target durably holds.
+                self._snap_i, self._snap_off = want[1], want[2]
+                done = sum(size for _, size in files[: want[1]]) + want[2]
+                self._snap_sent = self._snap_acked = self.snapshot_resumed_at = done
+            self._send(
+                wire.SnapshotBegin(
+                    self.snapshot_id,
+                    lsn,
+                    self._snap_i,
+                    self._snap_off,
+                    len(files),
+                    sum(size for _, size in files),
+                )
+            )
         return Phase.SNAPSHOT_SOURCE
 
     def _pump_snapshot(self) -> None:
@@ -1407,6 +1521,8 @@ class ReplSession:
         assert isinstance(msg, wire.SnapshotData)
         if self._snap_end is not None:
             raise wire.UnexpectedMessage("snapshot data after SNAPSHOT_END")
+        if self.version >= 2 and not self._snap_begun:
+            raise wire.UnexpectedMessage("snapshot data before SNAPSHOT_BEGIN")
         have = self._snap_recv.get(msg.name)
         if msg.name != self._snap_cur and have is not None:
             raise wire.UnexpectedMessage("snapshot file sent twice")

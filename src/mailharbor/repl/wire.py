@@ -54,8 +54,10 @@ from .state import DISK_CODES, PROTOCOL_CODES, ROLE_CODES, Protocol
 MAGIC = b"MHRP"
 #: Versions of the wire protocol this code speaks (negotiated at the handshake; the header's
 #: version byte is the layout of the header itself and is 1 for every protocol version so far).
+#: Version 2 adds SNAPSHOT_RESUME and SNAPSHOT_BEGIN (a full sync resumes where it stopped);
+#: a link negotiated at version 1 never carries them.
 MIN_VERSION = 1
-MAX_VERSION = 1
+MAX_VERSION = 2
 HEADER_VERSION = 1
 
 HEADER = struct.Struct("<4sBBHIQQII")
@@ -69,6 +71,7 @@ NONE64 = 0xFFFF_FFFF_FFFF_FFFF  # "no value" in u64 fields
 MAX_DETAIL = 256
 MAX_HISTORY = 4096
 MAX_DIGEST = 64
+SNAPSHOT_ID_SIZE = 16
 
 _AUTH_LABEL = b"mailharbor-repl-auth-v1\x00"
 _KEY_LABEL = b"mailharbor-repl-key-v1\x00"
@@ -277,6 +280,8 @@ class MsgType(enum.IntEnum):
     SNAPSHOT_DATA = 21
     SNAPSHOT_END = 22
     SNAPSHOT_ACK = 23
+    SNAPSHOT_RESUME = 24  # version 2
+    SNAPSHOT_BEGIN = 25  # version 2
     # Split-brain merge (a block of its own).
     MERGE_DONE = 30
 
@@ -683,6 +688,61 @@ class SnapshotAck:
         return cls(r.u64())
 
 
+@dataclass(frozen=True, slots=True)
+class SnapshotResume:
+    """Version 2, instead of SNAPSHOT_REQUEST: the target holds the first files of snapshot
+    ``snapshot_id`` durably, up to byte ``offset`` of file ``index`` (the files before it
+    whole), and asks to continue there if the source still has that snapshot."""
+
+    TYPE: ClassVar[MsgType] = MsgType.SNAPSHOT_RESUME
+    last_lsn: int
+    snapshot_id: bytes
+    index: int
+    offset: int
+
+    def encode(self) -> bytes:
+        if len(self.snapshot_id) != SNAPSHOT_ID_SIZE:
+            raise ValueError("bad snapshot id length")
+        return (
+            struct.pack("<Q", self.last_lsn)
+            + self.snapshot_id
+            + struct.pack("<IQ", self.index, self.offset)
+        )
+
+    @classmethod
+    def decode(cls, r: _Reader) -> SnapshotResume:
+        lsn = r.u64()
+        sid = r.take(SNAPSHOT_ID_SIZE)
+        return cls(lsn, sid, r.u32(), r.u64())
+
+
+@dataclass(frozen=True, slots=True)
+class SnapshotBegin:
+    """Version 2, the source before the first SNAPSHOT_DATA: snapshot ``snapshot_id`` holds
+    LSNs up to ``lsn`` in ``files`` files of ``total_bytes``; the data starts at byte
+    ``offset`` of file ``index`` (0, 0: from the start; else the target's resume point)."""
+
+    TYPE: ClassVar[MsgType] = MsgType.SNAPSHOT_BEGIN
+    snapshot_id: bytes
+    lsn: int
+    index: int
+    offset: int
+    files: int
+    total_bytes: int
+
+    def encode(self) -> bytes:
+        if len(self.snapshot_id) != SNAPSHOT_ID_SIZE:
+            raise ValueError("bad snapshot id length")
+        return self.snapshot_id + struct.pack(
+            "<QIQIQ", self.lsn, self.index, self.offset, self.files, self.total_bytes
+        )
+
+    @classmethod
+    def decode(cls, r: _Reader) -> SnapshotBegin:
+        sid = r.take(SNAPSHOT_ID_SIZE)
+        return cls(sid, r.u64(), r.u32(), r.u64(), r.u32(), r.u64())
+
+
 class SnapshotDigest:
     """BLAKE2b-256 (personalization ``mh-snapshot-v1``) over every SNAPSHOT_DATA in order:
     name length u16, name, offset u64, data length u32, data. Sender and receiver compute it
@@ -717,6 +777,8 @@ Message: TypeAlias = (
     | SnapshotData
     | SnapshotEnd
     | SnapshotAck
+    | SnapshotResume
+    | SnapshotBegin
     | MergeDone
 )
 
@@ -740,6 +802,8 @@ _DECODERS: dict[int, type[Message]] = {
         SnapshotData,
         SnapshotEnd,
         SnapshotAck,
+        SnapshotResume,
+        SnapshotBegin,
         MergeDone,
     )
 }
@@ -1001,6 +1065,7 @@ __all__ = [
     "MIN_VERSION",
     "NONCE_SIZE",
     "REFUSE_TEXT",
+    "SNAPSHOT_ID_SIZE",
     "Ack",
     "Auth",
     "BranchEnd",
@@ -1024,11 +1089,13 @@ __all__ = [
     "ReplayedMessage",
     "ResyncRequest",
     "SnapshotAck",
+    "SnapshotBegin",
     "SnapshotData",
     "SnapshotDigest",
     "SnapshotEnd",
     "SnapshotMismatch",
     "SnapshotRequest",
+    "SnapshotResume",
     "StaleTerm",
     "State",
     "SyncDone",

@@ -53,7 +53,16 @@ Invariants:
   until the catch-up after the install. ``repl invalidate`` asks for a full sync.
 * **Retention horizon.** With ``replication.retain_bytes`` a primary drops the head of its log
   every ``RETAIN_INTERVAL`` (:meth:`Replicator.apply_retention`), never past what a connected
-  peer made durable.
+  peer made durable, nor past the LSN after a snapshot kept for a resumed full sync.
+* **Resumed full sync** (wire version 2). The target records durable progress every
+  ``SNAPSHOT_PROGRESS_BYTES`` (``store.save_snapshot_progress``) and a later link asks to
+  resume; the source keeps the export of an interrupted transfer ``SNAPSHOT_KEEP_SECONDS``.
+* **A damaged log** cut at open (``store.damage``, node.py opens the store so when a peer is
+  configured): the node starts Inconsistent and secondary and fetches the range like any
+  catch-up; the marker is cleared once UpToDate (metadata saved first).
+* **TLS** (``replication.tls``): every connection is upgraded to mutual TLS (node certificates
+  verified against ``tls_ca`` both ways, the name checked against ``tls_peer_name``) before the
+  HMAC handshake, which runs inside it unchanged.
 """
 
 from __future__ import annotations
@@ -66,6 +75,7 @@ import logging
 import os
 import random
 import shutil
+import ssl
 import time
 from collections.abc import Awaitable, Callable, Generator, Iterator, Sequence
 from dataclasses import dataclass, field, replace
@@ -111,6 +121,7 @@ from mailharbor.repl.session import (
     SnapshotBegin,
     SnapshotChunk,
     SnapshotInstall,
+    SnapshotProgress,
     SnapshotSent,
     VerifyDone,
     VerifyResult,
@@ -128,7 +139,14 @@ from mailharbor.repl.state import (
 )
 from mailharbor.server.listener import split_endpoint
 from mailharbor.service.merge import BranchSpool, MergeError, merge_branch
-from mailharbor.store import DurabilityBarrier, Store, StoreError, StoreIOError, StoreState
+from mailharbor.store import (
+    DamageReport,
+    DurabilityBarrier,
+    Store,
+    StoreError,
+    StoreIOError,
+    StoreState,
+)
 from mailharbor.store.store import SnapshotExport
 
 __all__ = [
@@ -159,6 +177,11 @@ META_VERSION = 1
 VERIFY_TIMEOUT = 600.0
 #: How often a primary applies the retention horizon (``replication.retain_bytes``).
 RETAIN_INTERVAL = 1.0
+#: Full sync, target: received snapshot bytes between two durable progress records (what an
+#: interrupted transfer resumes from).
+SNAPSHOT_PROGRESS_BYTES = 4 * 1024 * 1024
+#: Full sync, source: how long the snapshot of an interrupted transfer is kept for a resume.
+SNAPSHOT_KEEP_SECONDS = 600.0
 
 
 class ReplStore(Protocol):
@@ -220,6 +243,17 @@ class ReplStore(Protocol):
 
     def install_snapshot(self) -> object: ...
 
+    def save_snapshot_progress(self, token: bytes) -> list[tuple[str, int]]: ...
+
+    def load_snapshot_progress(self) -> tuple[bytes, list[tuple[str, int]]] | None: ...
+
+    def resume_snapshot_install(self, files: Sequence[tuple[str, int]]) -> None: ...
+
+    @property
+    def damage(self) -> DamageReport | None: ...
+
+    def clear_damage(self) -> None: ...
+
 
 @dataclass(frozen=True, slots=True)
 class ReplSettings:
@@ -245,6 +279,50 @@ class ReplSettings:
     #: False when the cluster manager decides the role: ``role = primary`` then only makes the
     #: first start UpToDate (the first node of a pair); the node starts secondary.
     auto_promote: bool = True
+    #: TLS on the peer link (``replication.tls``): this node's certificate (chain) and key, the
+    #: CA bundle the peer's certificate must chain to (both directions: mutual), and the name
+    #: the peer's certificate must carry in its subjectAltName ("": any the CA issued).
+    tls_cert: str = ""
+    tls_key: str = ""
+    tls_ca: str = ""
+    tls_peer_name: str = ""
+
+
+class PeerTlsError(Exception):
+    """The peer link's TLS material cannot be loaded (the node refuses to start)."""
+
+
+def peer_tls_contexts(cert: str, key: str, ca: str) -> tuple[ssl.SSLContext, ssl.SSLContext]:
+    """(server, client) contexts for the peer link: TLS 1.2 or newer, this node's certificate
+    presented both ways, the peer's verified against ``ca`` both ways (a connecting peer
+    without a certificate of that CA is refused). Host names are checked by the adapter
+    against ``replication.tls_peer_name`` (the same rule for both directions), not by ssl."""
+    out = []
+    for purpose in (ssl.PROTOCOL_TLS_SERVER, ssl.PROTOCOL_TLS_CLIENT):
+        ctx = ssl.SSLContext(purpose)
+        ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+        ctx.options |= ssl.OP_NO_COMPRESSION
+        ctx.check_hostname = False
+        ctx.verify_mode = ssl.CERT_REQUIRED
+        try:
+            ctx.load_cert_chain(certfile=cert, keyfile=key)
+            ctx.load_verify_locations(cafile=ca)
+        except (OSError, ssl.SSLError) as e:
+            raise PeerTlsError(f"replication TLS: cannot load {cert}, {key} or {ca}: {e}") from e
+        out.append(ctx)
+    return out[0], out[1]
+
+
+def certificate_names(peercert: object) -> list[str]:
+    """The DNS names and IP addresses of a certificate's subjectAltName, as
+    ``SSLObject.getpeercert()`` returns it."""
+    if not isinstance(peercert, dict):
+        return []
+    names = []
+    for entry in peercert.get("subjectAltName", ()):
+        if isinstance(entry, tuple) and len(entry) == 2 and entry[0] in ("DNS", "IP Address"):
+            names.append(str(entry[1]))
+    return names
 
 
 @dataclass(frozen=True, slots=True)
@@ -325,6 +403,7 @@ class _Link:
     # in chunks; a fresh read_frames would scan its segment from the start every time).
     frame_iter: Iterator[bytes] | None = None
     frame_iter_next: int = 0
+    tls: str = ""  # the TLS version of the connection ("" without TLS)
 
 
 def _close_iter(it: Iterator[bytes] | None) -> None:
@@ -394,6 +473,16 @@ class Replicator:
         self._want_full_sync = False
         self._snapshot_pending = False
         self._retain_task: asyncio.Task[None] | None = None
+        self._tls: tuple[ssl.SSLContext, ssl.SSLContext] | None = None
+        self._tls_pending = 0
+        # full sync, source: the snapshot of an interrupted transfer (id, export, since), kept
+        # SNAPSHOT_KEEP_SECONDS for a resume; target: the id of the snapshot being received and
+        # the bytes covered by its last durable progress record
+        self._kept_snapshot: tuple[bytes, SnapshotExport, float] | None = None
+        self._recv_snapshot_id = b""
+        self._recv_progress_at = 0
+        if settings.tls_cert:
+            self._tls = peer_tls_contexts(settings.tls_cert, settings.tls_key, settings.tls_ca)
 
     # -- lifetime ------------------------------------------------------------------------------
 
@@ -405,13 +494,14 @@ class Replicator:
         host, port = split_endpoint(self.settings.listen)
         self._server = await asyncio.start_server(self._accept, host, port)
         log.info(
-            "replication: %s listening on %s, peer %s, protocol %s, disk %s, fencing %s",
+            "replication: %s listening on %s, peer %s, protocol %s, disk %s, fencing %s%s",
             self.settings.name,
             self.settings.listen,
             self.settings.peer,
             self.settings.protocol.value,
             self.disk.value,
             self.settings.fencing.value,
+            ", TLS" if self._tls is not None else "",
         )
         self._save_meta()
         loop = asyncio.get_running_loop()
@@ -459,6 +549,7 @@ class Replicator:
             self._close_link(link, "shutdown")
         for link in list(self._links):
             await self._finish_link(link)
+        self._keep_snapshot(b"", None)
         await self._ingest_drained()
         if self.roles.role is Role.PRIMARY:
             self._end_mirroring("shutdown")
@@ -540,6 +631,21 @@ class Replicator:
         saved_role = meta.get("role")
         disk_name = meta.get("disk")
         want = self.settings.role
+        damage = self.store.damage
+        if damage is not None:
+            # A damaged range was cut away at open (store.damage, persisted until fetched):
+            # records above it may be missing here — Inconsistent, never promoted by itself,
+            # fetched from the peer (docs/replication.md, "A damaged log").
+            log.error(
+                "replication: the log was cut after LSN %d at a damaged frame (raw bytes kept "
+                "in %s): disk Inconsistent until the range is fetched from the peer",
+                damage.after_lsn,
+                damage.kept_in or "?",
+            )
+            self.disk = DiskState.INCONSISTENT
+            if not meta:
+                self._first_start = True
+            return Role.SECONDARY
         if not meta:
             self._first_start = True
             if want is Role.PRIMARY:
@@ -635,25 +741,99 @@ class Replicator:
             ping_timeout=s.ping_timeout,
             resync_rate=s.resync_rate or None,
             full_sync=self._want_full_sync,
+            snapshot_resume=self._snapshot_progress(),
         )
+
+    def _snapshot_progress(self) -> SnapshotProgress | None:
+        """What this node durably holds of a snapshot it was receiving (to resume it)."""
+        if not self._snapshot_pending:
+            return None
+        got = self.store.load_snapshot_progress()
+        if got is None:
+            return None
+        return SnapshotProgress(got[0], tuple(got[1]))
+
+    def _keep_snapshot(self, sid: bytes, exp: SnapshotExport | None) -> None:
+        """Keep (or, with None, release) the snapshot of an interrupted transfer."""
+        old = self._kept_snapshot
+        if old is not None and old[1] is not exp:
+            old[1].close()
+        if exp is not None and not sid:  # a version 1 link: nothing can resume it
+            exp.close()
+            exp = None
+        self._kept_snapshot = (sid, exp, self.clock()) if exp is not None else None
+
+    def _expire_kept_snapshot(self) -> None:
+        kept = self._kept_snapshot
+        if kept is not None and self.clock() - kept[2] > SNAPSHOT_KEEP_SECONDS:
+            log.info("replication: the snapshot kept for a resumed full sync expired")
+            self._keep_snapshot(b"", None)
 
     # -- connections ---------------------------------------------------------------------------
 
     async def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         peer = writer.get_extra_info("peername")
         addr = f"{peer[0]}:{peer[1]}" if isinstance(peer, tuple) else str(peer)
-        pending = sum(1 for x in self._links if x.peer_id is None)
+        pending = self._tls_pending + sum(1 for x in self._links if x.peer_id is None)
         if self._stopping or self.standalone or pending >= MAX_PENDING_LINKS:
             writer.close()
             return
+        tls = ""
+        if self._tls is not None:
+            self._tls_pending += 1  # handshakes in progress count as pending links
+            try:
+                got = await self._tls_upgrade(writer, addr, server_side=True)
+            finally:
+                self._tls_pending -= 1
+            if got is None or self._stopping:
+                writer.close()
+                return
+            tls = got
         await self._ingest_drained()
         link = self._new_link(reader, writer, initiator=False, addr=addr)
+        link.tls = tls
         await link.done.wait()
+
+    async def _tls_upgrade(
+        self, writer: asyncio.StreamWriter, addr: str, *, server_side: bool
+    ) -> str | None:
+        """TLS on a fresh peer connection (mutual: both certificates verified against the CA),
+        then the peer's certificate name checked against ``tls_peer_name``. Returns the TLS
+        version, or None when refused (logged; the socket is closed). The HMAC handshake
+        follows inside TLS as without it."""
+        assert self._tls is not None
+        ctx = self._tls[0] if server_side else self._tls[1]
+        want = self.settings.tls_peer_name
+        try:
+            await writer.start_tls(
+                ctx,
+                server_hostname=None if server_side else (want or None),
+                ssl_handshake_timeout=CONNECT_TIMEOUT,
+            )
+        except (ssl.SSLError, OSError, TimeoutError, ValueError) as e:
+            reason = getattr(e, "reason", None) or type(e).__name__
+            log.warning("replication: TLS with %s refused: %s", addr, reason)
+            writer.close()
+            return None
+        names = certificate_names(writer.get_extra_info("peercert"))
+        if want and want.casefold() not in (n.casefold() for n in names):
+            log.warning(
+                "replication: TLS with %s refused: its certificate names %s, not %s",
+                addr,
+                ", ".join(names) or "nothing",
+                want,
+            )
+            writer.close()
+            return None
+        obj = writer.get_extra_info("ssl_object")
+        version = obj.version() if isinstance(obj, ssl.SSLObject) else None
+        return version or "TLS"
 
     async def _connect_loop(self) -> None:
         backoff = BACKOFF_MIN
         host, port = split_endpoint(self.settings.peer)
         while not self._stopping:
+            self._expire_kept_snapshot()  # about once a second while a link is up
             if self.standalone or self._active is not None or self._outbound is not None:
                 self._connect_wake.clear()
                 with contextlib.suppress(TimeoutError):
@@ -672,8 +852,21 @@ class Replicator:
                     )
                 backoff = min(BACKOFF_MAX, backoff * 2)
                 continue
+            tls = ""
+            if self._tls is not None:
+                got = await self._tls_upgrade(writer, self.settings.peer, server_side=False)
+                if got is None:
+                    self._connect_wake.clear()
+                    with contextlib.suppress(TimeoutError):
+                        await asyncio.wait_for(
+                            self._connect_wake.wait(), backoff * (1 + random.random() / 2)
+                        )
+                    backoff = min(BACKOFF_MAX, backoff * 2)
+                    continue
+                tls = got
             await self._ingest_drained()
             link = self._new_link(reader, writer, initiator=True, addr=self.settings.peer)
+            link.tls = tls
             self._outbound = link
             try:
                 await link.done.wait()
@@ -811,7 +1004,8 @@ class Replicator:
         _close_iter(link.frame_iter)
         link.frame_iter = None
         if link.snap_export is not None:
-            link.snap_export.close()
+            # A transfer cut short: keep its snapshot a while, the target may resume it.
+            self._keep_snapshot(link.session.snapshot_id, link.snap_export)
             link.snap_export = None
         with contextlib.suppress(Exception):
             link.writer.close()
@@ -940,6 +1134,14 @@ class Replicator:
                 if ev.disk is DiskState.UP_TO_DATE:
                     self._want_full_sync = False  # `repl invalidate` done
                 self._save_meta()
+                if ev.disk is DiskState.UP_TO_DATE and self.store.damage is not None:
+                    # Saved UpToDate first: a crash in between finds the marker and resyncs.
+                    log.warning(
+                        "replication: the damaged range after LSN %d is held again (fetched "
+                        "from the peer)",
+                        self.store.damage.after_lsn,
+                    )
+                    self.store.clear_damage()
         elif isinstance(ev, PeerDiskChanged):
             self.peer_disk = ev.disk
             if ev.disk is DiskState.DISKLESS:
@@ -982,10 +1184,19 @@ class Replicator:
         ):
             self._on_snapshot_event(link, ev)
         elif isinstance(ev, SnapshotSent):
+            total = 0
             if link.snap_export is not None:
+                total = link.snap_export.total_bytes
                 link.snap_export.close()
                 link.snap_export = None
-            log.info("replication: snapshot up to LSN %d sent; the peer catches up", ev.lsn)
+            log.info(
+                "replication: snapshot up to LSN %d sent (%d byte(s) on this link, %d of %d "
+                "already held by the peer); the peer catches up",
+                ev.lsn,
+                s.stats_snapshot_bytes,
+                s.snapshot_resumed_at,
+                total,
+            )
 
     def _read_frames(self, link: _Link, from_lsn: int, max_bytes: int) -> list[bytes]:
         """Up to ``max_bytes`` of frames from ``from_lsn`` on, continuing the previous read of
@@ -1019,11 +1230,12 @@ class Replicator:
         if other is None or other is link:
             self._active = link
             log.info(
-                "replication: link to %s authenticated (peer %s, wire version %d, %s)",
+                "replication: link to %s authenticated (peer %s, wire version %d, %s, %s)",
                 link.peer_addr,
                 ev.peer_id.hex(),
                 ev.version,
                 "outbound" if link.initiator else "inbound",
+                link.tls or "no TLS",
             )
             return
         keep = max(self.node_id, ev.peer_id)
@@ -1121,21 +1333,39 @@ class Replicator:
         snapshot and keep the log from its LSN + 1 (``retain_from``) for the catch-up."""
         s = link.session
         if isinstance(ev, NeedSnapshot):
-            try:
-                exp = self.store.export_snapshot()
-            except StoreError as e:
-                log.error("replication: cannot take a snapshot for the peer: %s", e)
-                s.close("snapshot-failed")
-                return
+            self._expire_kept_snapshot()
+            kept = self._kept_snapshot
+            if kept is not None and ev.resume_id and kept[0] == ev.resume_id:
+                sid, exp = kept[0], kept[1]
+                self._kept_snapshot = None
+                log.warning(
+                    "replication: full sync: resuming the snapshot up to LSN %d (%d bytes) "
+                    "where the peer stopped",
+                    exp.lsn,
+                    exp.total_bytes,
+                )
+            else:
+                self._keep_snapshot(b"", None)
+                try:
+                    exp = self.store.export_snapshot()
+                except StoreError as e:
+                    log.error("replication: cannot take a snapshot for the peer: %s", e)
+                    s.close("snapshot-failed")
+                    return
+                sid = os.urandom(wire.SNAPSHOT_ID_SIZE)
+                log.warning(
+                    "replication: full sync: sending a snapshot up to LSN %d (%d file(s), %d "
+                    "bytes)%s",
+                    exp.lsn,
+                    len(exp.files),
+                    exp.total_bytes,
+                    " (the peer's partial snapshot is gone: from the start)"
+                    if ev.resume_id
+                    else "",
+                )
             link.snap_export = exp
             self.store.retain_from = min(self.store.retain_from, exp.lsn + 1)
-            log.warning(
-                "replication: full sync: sending a snapshot up to LSN %d (%d file(s), %d bytes)",
-                exp.lsn,
-                len(exp.files),
-                exp.total_bytes,
-            )
-            s.snapshot_ready(exp.lsn, exp.files)
+            s.snapshot_ready(exp.lsn, exp.files, sid)
             return
         if isinstance(ev, NeedSnapshotData):
             cur = link.snap_export
@@ -1154,17 +1384,35 @@ class Replicator:
             if isinstance(ev, SnapshotBegin):
                 self._snapshot_pending = True
                 self._save_meta()  # before the first byte: a restart knows it was receiving
-                self.store.begin_snapshot_install()
-                log.warning(
-                    "replication: full sync: receiving a snapshot from the peer (this node "
-                    "held LSNs up to %d)",
-                    ev.last_lsn,
-                )
+                self._recv_snapshot_id = ev.snapshot_id
+                if ev.resume:
+                    self.store.resume_snapshot_install(ev.resume)
+                    self._recv_progress_at = sum(size for _, size in ev.resume)
+                    log.warning(
+                        "replication: full sync: resuming the snapshot from the peer after "
+                        "%d byte(s) already received",
+                        self._recv_progress_at,
+                    )
+                else:
+                    self.store.begin_snapshot_install()
+                    self._recv_progress_at = 0
+                    log.warning(
+                        "replication: full sync: receiving a snapshot from the peer (this node "
+                        "held LSNs up to %d)",
+                        ev.last_lsn,
+                    )
             elif isinstance(ev, SnapshotChunk):
                 self.store.write_snapshot_file(ev.name, ev.offset, ev.data)
                 if link.sync_started is None:
                     link.sync_started = self.clock()
                 link.sync_bytes += len(ev.data)
+                if (
+                    self._recv_snapshot_id
+                    and ev.total - self._recv_progress_at >= SNAPSHOT_PROGRESS_BYTES
+                ):
+                    # Durable progress: an interrupted transfer resumes from here.
+                    self.store.save_snapshot_progress(self._recv_snapshot_id)
+                    self._recv_progress_at = ev.total
                 s.snapshot_written(ev.total)
             else:
                 self.store.install_snapshot()
@@ -1250,6 +1498,9 @@ class Replicator:
             if s.phase not in (Phase.ESTABLISHED, Phase.SYNC_SOURCE) or link.snap_export:
                 return {"dropped_segments": 0, "first_retained_lsn": before, "held": True}
             limit = min(limit, s.peer_durable + 1)
+        self._expire_kept_snapshot()
+        if self._kept_snapshot is not None:  # a resumed full sync catches up after its LSN
+            limit = min(limit, self._kept_snapshot[1].lsn + 1)
         if not peer_connected:
             # Nothing to keep for a peer that is away; compaction may reclaim below too.
             self.store.retain_from = limit
@@ -1846,6 +2097,10 @@ class Replicator:
             "full_sync_wanted": self._want_full_sync,
             "snapshot_pending": self._snapshot_pending,
             "first_retained_lsn": self.store.first_retained_lsn,
+            "link_tls": link.tls if link is not None else None,
+            "damaged_after_lsn": (
+                self.store.damage.after_lsn if self.store.damage is not None else None
+            ),
         }
         if s is not None:
             if self.is_primary():

@@ -34,6 +34,13 @@ deleted, and finally the intent is removed. `Store.open` redoes a cut whose inte
 it looks at segments or checkpoints, so after a crash the log holds either the whole tail (no
 intent yet) or exactly the cut state (intent found and redone) — never half.
 
+A damaged frame in the middle of the log refuses the open (`CorruptLog`: fsck's job) unless the
+opener passes `damaged_tail_dir` (a replicated node, whose peer holds the range): then the raw
+bytes from the damaged frame on are copied aside, `<data>/DAMAGED` records the cut (durably,
+first) and the log is cut there through the ordinary cut intent; `store.damage` reports it until
+`clear_damage()`. A snapshot being received can record durable progress
+(`save_snapshot_progress`) and be resumed after a restart (`resume_snapshot_install`).
+
 Invariants:
 * only frames with LSN <= the durable LSN are ever applied; a torn or corrupt frame never is;
 * UIDs and MODSEQs are allocated at encode time in LSN order, so they ascend in the log;
@@ -135,6 +142,9 @@ GENERATION_FILE = "generation"
 CUT_INTENT = "CUT-INTENT"  # in the log directory while a cut is being applied
 SNAPSHOT_STAGING = "snapshot-incoming"  # a snapshot being received (`write_snapshot_file`)
 INSTALL_INTENT = "INSTALL-INTENT"  # in the data directory while a snapshot is being installed
+SNAPSHOT_PROGRESS = "PROGRESS"  # in snapshot-incoming/: what was received durably (a resume)
+_PROGRESS_MAGIC = b"MHSNPRG\x1a"
+DAMAGE_MARKER = "DAMAGED"  # in the data directory: the log was cut at a damaged frame (`damage`)
 NO_RETENTION = 1 << 63
 """The default `Store.retain_from`: no peer to retain anything for."""
 
@@ -760,6 +770,69 @@ _GEN_MAGIC = b"MHGEN\r\n\x1a"
 _GEN_FILE = struct.Struct("<8sQI")  # magic, generation, CRC32C of the preceding bytes
 
 
+_DAMAGE_MAGIC = b"MHDMG\r\n\x1a"
+_DAMAGE_VERSION = 1
+_DAMAGE_HEAD = struct.Struct("<8sHQIQQqH")
+
+
+@dataclass(frozen=True, slots=True)
+class DamageReport:
+    """A damaged frame found at open was cut away with everything after it (`Store.open(...,
+    damaged_tail_dir=...)`): the log now ends at `after_lsn` and LSNs above it may be missing
+    here until they are fetched again (the replication layer: from the peer). Persisted in
+    `<data>/DAMAGED` until `Store.clear_damage()`."""
+
+    after_lsn: int  # the last intact LSN before the damage: the log was cut after it
+    segno: int  # where the damage was found
+    offset: int
+    bytes_kept: int  # raw bytes from the damage to the end of the log, copied to `kept_in`
+    found_ms: int
+    kept_in: str
+    reason: str = ""
+
+    def encode(self) -> bytes:
+        path = self.kept_in.encode("utf-8")
+        body = _DAMAGE_HEAD.pack(
+            _DAMAGE_MAGIC,
+            _DAMAGE_VERSION,
+            self.after_lsn,
+            self.segno,
+            self.offset,
+            self.bytes_kept,
+            self.found_ms,
+            len(path),
+        )
+        body += path
+        return body + struct.pack("<I", fmt.crc32c(body))
+
+    @classmethod
+    def decode(cls, data: bytes) -> DamageReport:
+        if len(data) < _DAMAGE_HEAD.size + 4:
+            raise fmt.FormatError("damage marker truncated")
+        magic, ver, after, segno, off, kept, found, plen = _DAMAGE_HEAD.unpack_from(data)
+        if magic != _DAMAGE_MAGIC or ver != _DAMAGE_VERSION:
+            raise fmt.FormatError("not a damage marker of this version")
+        if len(data) != _DAMAGE_HEAD.size + plen + 4:
+            raise fmt.FormatError("damage marker has the wrong length")
+        (crc,) = struct.unpack_from("<I", data, len(data) - 4)
+        if fmt.crc32c(data[:-4]) != crc:
+            raise fmt.FormatError("damage marker checksum mismatch")
+        path = data[_DAMAGE_HEAD.size : _DAMAGE_HEAD.size + plen].decode("utf-8", "replace")
+        return cls(after, segno, off, kept, found, path)
+
+
+class _DamageFound(Exception):
+    """Raised inside `_recover` (only with a damaged-tail directory) at a bad frame that valid
+    data follows; `Store.open` cuts the log there and recovers again."""
+
+    def __init__(self, segno: int, offset: int, lsn: int, reason: str) -> None:
+        super().__init__(f"segment {segno} offset {offset} (LSN {lsn}): {reason}")
+        self.segno = segno
+        self.offset = offset
+        self.lsn = lsn
+        self.reason = reason
+
+
 @dataclass(frozen=True, slots=True)
 class CutReport:
     """What `Store.cut_tail` did."""
@@ -967,6 +1040,10 @@ class Store:
         self._gen_history: list[GenEntry] = []
         self._last_txn_gen = 0  # generation of the last appended transaction frame
         self.last_cut: CutReport | None = None
+        self.damage: DamageReport | None = None
+        """Set while `<data>/DAMAGED` exists: a damaged range was cut away at an open and not
+        fetched again yet (see `Store.open`'s `damaged_tail_dir`, `clear_damage`)."""
+        self._damaged_tail_dir: str | None = None
         self._lock_fd = -1
         self._segments: dict[int, fmt.SegmentHeader] = {}
         self._active: WritableFile | None = None
@@ -1009,16 +1086,30 @@ class Store:
         node_id: bytes,
         options: StoreOptions | None = None,
         fs: FileSystem | None = None,
+        damaged_tail_dir: str | None = None,
     ) -> Store:
         """Lock the directory, load the newest valid checkpoint, replay the log after it.
         A torn final transaction is dropped (truncated) and reported in `store.recovery`;
-        a bad frame followed by valid ones raises CorruptLog."""
+        a bad frame followed by valid ones raises CorruptLog — unless `damaged_tail_dir` is
+        given (a replicated node, whose peer holds the range): then the log is cut at the bad
+        frame, the raw bytes from it to the end are kept in a new directory under
+        `damaged_tail_dir`, `<data>/DAMAGED` records it (durably, before the cut) and
+        `store.damage` reports it until `clear_damage()`."""
         opts = options or StoreOptions()
         st = cls(data_dir, node_id=node_id, options=opts, fs=fs or OsFileSystem(sync=opts.sync))
+        st._damaged_tail_dir = damaged_tail_dir
         st._lock()
         try:
-            st._recover()
+            for _ in range(8):  # each pass cuts below the previous one; one is the rule
+                try:
+                    st._recover()
+                    break
+                except _DamageFound as d:
+                    st._cut_damage(d)
+            else:
+                raise CorruptLog("the log could not be cut back to an intact prefix")
         except BaseException:
+            st._close_files()
             st._unlock()
             raise
         st.state = StoreState.OPEN
@@ -1189,6 +1280,8 @@ class Store:
                             stop.reason,
                         )
                         self.fs.truncate(segment_path(self._logdir, s), stop.offset)
+                    elif self._damaged_tail_dir is not None:
+                        raise _DamageFound(s, stop.offset, stop.expected_lsn, stop.reason)
                     else:
                         raise CorruptLog(
                             f"segment {s} offset {stop.offset} (LSN {stop.expected_lsn}): "
@@ -1211,6 +1304,85 @@ class Store:
             cut_redone,
         )
         self._bytes_since_ckpt = 1 if replayed else 0
+        self.damage = self._read_damage_marker()
+
+    # -- a damaged range found at open (replicated nodes) ----------------------------------------
+
+    def _read_damage_marker(self) -> DamageReport | None:
+        path = os.path.join(self.data_dir, DAMAGE_MARKER)
+        if not self.fs.exists(path):
+            return None
+        try:
+            return DamageReport.decode(self._read_file(path))
+        except fmt.FormatError as e:
+            # Keep the conservative meaning: something was cut, from an unknown LSN.
+            log.error("%s: %s; treating the log as damaged after LSN 0", path, e)
+            return DamageReport(0, 0, 0, 0, 0, "", f"unreadable marker: {e}")
+
+    def _cut_damage(self, d: _DamageFound) -> None:
+        """Cut the log at the damaged frame `d` (found by `_recover`): copy the raw bytes from
+        it to the end of the log into a new directory under `damaged_tail_dir` (fsynced), write
+        `<data>/DAMAGED` (atomically; an older marker's lower LSN is kept), then cut through
+        the ordinary cut intent and forget the loaded state (the caller recovers again). A
+        crash anywhere: the next open finds the damage again or finishes the cut."""
+        assert self._damaged_tail_dir is not None
+        after = d.lsn - 1
+        found = now_ms()
+        kept_in = os.path.abspath(
+            os.path.join(self._damaged_tail_dir, f"damaged-{found}-after-{after}")
+        )
+        log.error(
+            "damaged frame in the log: segment %d offset %d (LSN %d): %s; cutting the log after "
+            "LSN %d (the raw bytes from there on are kept in %s); the range is to be fetched "
+            "from the replication peer",
+            d.segno,
+            d.offset,
+            d.lsn,
+            d.reason,
+            after,
+            kept_in,
+        )
+        self._makedirs_durable(kept_in)
+        kept = 0
+        segnos = [s for s in list_segments(self.fs, self._logdir) if s >= d.segno]
+        for s in segnos:
+            start = d.offset if s == d.segno else 0
+            src = self.fs.open_read(segment_path(self._logdir, s))
+            dst = self.fs.open_append(os.path.join(kept_in, f"{segment_name(s)}.from-{start}"))
+            try:
+                size, off = src.size(), start
+                while off < size:
+                    data = src.pread(min(1 << 20, size - off), off)
+                    if not data:
+                        break
+                    dst.write(data)
+                    off += len(data)
+                    kept += len(data)
+                dst.sync()
+            finally:
+                src.close()
+                dst.close()
+        self.fs.sync_dir(kept_in)
+        old = self._read_damage_marker()
+        marker = DamageReport(after, d.segno, d.offset, kept, found, kept_in, d.reason)
+        if old is not None and old.after_lsn < after:
+            marker = old
+        self.fs.write_atomic(os.path.join(self.data_dir, DAMAGE_MARKER), marker.encode())
+        intent = _CutIntent(after, d.segno, d.offset, max(segnos), after, kept_in)
+        self.fs.write_atomic(os.path.join(self._logdir, CUT_INTENT), intent.encode())
+        self._close_files()
+        self._apply_cut(intent)
+        self._reset_state()
+
+    def clear_damage(self) -> None:
+        """The range cut by a damaged open is held again (the replication layer fetched it):
+        remove `<data>/DAMAGED` durably."""
+        self._check_thread()
+        path = os.path.join(self.data_dir, DAMAGE_MARKER)
+        if self.fs.exists(path):
+            self.fs.unlink(path)
+            self.fs.sync_dir(self.data_dir)
+        self.damage = None
 
     def _segment_size(self, segno: int) -> int:
         f = self.fs.open_read(segment_path(self._logdir, segno))
@@ -2334,6 +2506,98 @@ class Store:
         self._makedirs_durable(staging)
         self._staging = {}
 
+    def save_snapshot_progress(self, token: bytes) -> list[tuple[str, int]]:
+        """Make what was received of the snapshot durable and record it for a resume: every
+        received file is fsynced (and the directory), then `snapshot-incoming/PROGRESS`
+        (written atomically) names `token` (the sender's snapshot id, opaque here) and each
+        file with its size, in the order received. Returns that list."""
+        self._check_thread()
+        if self._staging is None:
+            raise StoreError("no snapshot install in progress")
+        staging = os.path.join(self.data_dir, SNAPSHOT_STAGING)
+        files = [(name, f.size()) for name, f in self._staging.items()]
+        for f in self._staging.values():
+            f.sync()
+        self.fs.sync_dir(staging)
+        body = struct.pack("<8sHH", _PROGRESS_MAGIC, 1, len(token)) + token
+        body += struct.pack("<I", len(files))
+        for name, size in files:
+            raw = name.encode("utf-8")
+            body += struct.pack("<H", len(raw)) + raw + struct.pack("<Q", size)
+        body += struct.pack("<I", fmt.crc32c(body))
+        self.fs.write_atomic(os.path.join(staging, SNAPSHOT_PROGRESS), body)
+        return files
+
+    def load_snapshot_progress(self) -> tuple[bytes, list[tuple[str, int]]] | None:
+        """(token, files) of the last `save_snapshot_progress`, if it verifies and every file
+        it names is still there with at least that size; else None."""
+        staging = os.path.join(self.data_dir, SNAPSHOT_STAGING)
+        path = os.path.join(staging, SNAPSHOT_PROGRESS)
+        if not self.fs.exists(path):
+            return None
+        try:
+            data = self._read_file(path)
+            if (
+                len(data) < 16
+                or fmt.crc32c(data[:-4]) != struct.unpack_from("<I", data, len(data) - 4)[0]
+            ):
+                return None
+            magic, ver, tlen = struct.unpack_from("<8sHH", data)
+            if magic != _PROGRESS_MAGIC or ver != 1:
+                return None
+            pos = 12
+            token = data[pos : pos + tlen]
+            pos += tlen
+            (count,) = struct.unpack_from("<I", data, pos)
+            pos += 4
+            files = []
+            for _ in range(count):
+                (n,) = struct.unpack_from("<H", data, pos)
+                name = data[pos + 2 : pos + 2 + n].decode("utf-8")
+                (size,) = struct.unpack_from("<Q", data, pos + 2 + n)
+                pos += 2 + n + 8
+                if not _snapshot_name_ok(name):
+                    return None
+                f = os.path.join(staging, name)
+                if not self.fs.exists(f) or self._file_size(f) < size:
+                    return None
+                files.append((name, size))
+        except (OSError, struct.error, UnicodeDecodeError):
+            return None
+        return token, files
+
+    def resume_snapshot_install(self, files: Sequence[tuple[str, int]]) -> None:
+        """Continue receiving a snapshot after `files` (from `load_snapshot_progress`): each
+        is cut back to its recorded size and reopened for appending, in that order; any other
+        received file is removed."""
+        self._check_thread()
+        self._check_writable()
+        self._close_staging()
+        staging = os.path.join(self.data_dir, SNAPSHOT_STAGING)
+        keep = dict(files)
+        for n in self.fs.listdir(staging):
+            if n not in keep and n != SNAPSHOT_PROGRESS:
+                self.fs.unlink(os.path.join(staging, n))
+        self._staging = {}
+        for name, size in files:
+            if not _snapshot_name_ok(name):
+                raise InvalidArgument(f"snapshot file name {name!r} is not a segment or checkpoint")
+            path = os.path.join(staging, name)
+            if self._file_size(path) > size:
+                self.fs.truncate(path, size)
+            f = self.fs.open_append(path)
+            self._staging[name] = f
+            if f.size() != size:
+                raise StoreError(f"snapshot file {name}: {f.size()} bytes held, {size} recorded")
+        self.fs.sync_dir(staging)
+
+    def _file_size(self, path: str) -> int:
+        f = self.fs.open_read(path)
+        try:
+            return f.size()
+        finally:
+            f.close()
+
     def write_snapshot_file(self, name: str, offset: int, data: bytes) -> None:
         """Append `data` at `offset` (sequential) to the received snapshot file `name` (a
         segment or checkpoint file name as `SnapshotExport.files` lists it)."""
@@ -2383,6 +2647,9 @@ class Store:
             raise StoreError("the received snapshot's checkpoint is outside its segments")
         self._close_staging()
         self._staging = None
+        progress = os.path.join(self.data_dir, SNAPSHOT_STAGING, SNAPSHOT_PROGRESS)
+        if self.fs.exists(progress):  # nothing to resume once installing
+            self.fs.unlink(progress)
         self.fs.write_atomic(
             os.path.join(self.data_dir, INSTALL_INTENT), "\n".join(names).encode() + b"\n"
         )
