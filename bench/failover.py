@@ -245,7 +245,7 @@ class Cluster:
 @dataclass(frozen=True, slots=True)
 class Ack:
     mid: str
-    node: str  # the endpoint that answered 250 (no node name or term in the reply yet)
+    node: str  # the endpoint that answered 250 (the acceptance checker also reads node+term)
     t: float  # time.monotonic() when the 250 arrived
 
 

@@ -363,9 +363,66 @@ def test_second_serve_on_the_same_data_dir_fails(node: NodeDir, serve: list[Serv
     last = result.stderr.splitlines()[-1]
     assert last.startswith("mailharbor: error: cannot serve: data directory")
     assert f"in use by another process (pid {first.proc.pid})" in last
+    assert "waiting up to" not in result.stderr  # a running node holds it: no point waiting
     # The first node is unharmed and still owns its socket.
     node.ok("domain", "add", "example.org")
     assert 'domain.add name="example.org"' in first.log
+
+
+#: Holds a data directory's lock the way an offline CLI command does (Store.open), for argv[3]
+#: seconds after printing "locked".
+HOLD_LOCK = """
+import sys, time
+from mailharbor.store import Store
+st = Store.open(sys.argv[1], node_id=bytes.fromhex(sys.argv[2]))
+print("locked", flush=True)
+time.sleep(float(sys.argv[3]))
+st.close()
+"""
+
+
+def test_serve_waits_for_an_offline_command_holding_the_lock(
+    node: NodeDir, serve: list[Server]
+) -> None:
+    holder = subprocess.Popen(
+        [sys.executable, "-c", HOLD_LOCK, str(node.data_dir), node.config.node.node_id.hex(), "2"],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert holder.stdout is not None and holder.stdout.readline().strip() == "locked"
+        t0 = time.monotonic()
+        server = start(serve, node)  # starts while the lock is held; waits instead of failing
+        waited = time.monotonic() - t0
+        assert holder.wait(10) == 0
+    finally:
+        if holder.poll() is None:
+            holder.kill()
+            holder.wait(10)
+    assert f"in use by another process (pid {holder.pid}); waiting up to" in server.log
+    print(f"serve waited {waited:.2f} s for the lock")
+    assert waited >= 1.0
+    node.ok("domain", "add", "example.org")
+    assert 'domain.add name="example.org"' in server.log
+    # Held for longer than the node waits: it gives up with the one-line error.
+    assert server.terminate() == 0
+    holder = subprocess.Popen(
+        [sys.executable, "-c", HOLD_LOCK, str(node.data_dir), node.config.node.node_id.hex(), "30"],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert holder.stdout is not None and holder.stdout.readline().strip() == "locked"
+        t0 = time.monotonic()
+        result = node.run("serve")
+        assert result.returncode == 1, result.stderr
+        assert time.monotonic() - t0 >= 4.5
+        last = result.stderr.splitlines()[-1]
+        assert last.startswith("mailharbor: error: cannot serve: data directory"), last
+        assert f"in use by another process (pid {holder.pid})" in last
+    finally:
+        holder.kill()
+        holder.wait(10)
 
 
 def test_killed_node_leaves_nothing_that_blocks(node: NodeDir, serve: list[Server]) -> None:

@@ -440,6 +440,12 @@ def test_switchover_swaps_roles_and_loses_nothing(cluster: Cluster) -> None:
     # A refuses switchover now that it is secondary.
     r = cluster.a.try_cli("cluster", "switchover")
     assert r.returncode == 1 and "switchover-not-primary" in r.stderr
+    # A role command about the peer is not forwarded: the refusal says where to run it.
+    b_id = str(tomllib.loads(cluster.b.config.read_text())["node"]["node_id"])
+    r = cluster.a.try_cli("cluster", "standby", b_id)
+    assert r.returncode == 1 and "forward-to-peer" in r.stderr, r.stderr
+    b = cluster._node_name(cluster.b)
+    assert f"run `mailharbor cluster standby {b}` on {b}" in r.stderr, r.stderr
 
 
 def test_cluster_config_errors_name_the_key(tmp_path: Path) -> None:

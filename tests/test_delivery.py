@@ -248,3 +248,43 @@ def test_filters(store: Store, caplog: pytest.LogCaptureFixture) -> None:
 def test_normalize_crlf() -> None:
     assert normalize_crlf(b"a\nb\r\nc\n") == b"a\r\nb\r\nc\r\n"
     assert normalize_crlf(b"a\rb") == b"a\rb"
+
+
+class TermBump:
+    """A durability barrier that moves the term on while the commit waits for it (as a new
+    witness grant during the peer's round trip would)."""
+
+    def __init__(self, term: list[int]) -> None:
+        self.term = term
+
+    async def wait(self, lsn: int) -> None:
+        self.term[0] += 1
+
+
+def test_the_250_names_the_node_and_the_term_at_reply_time(store: Store) -> None:
+    # Standalone: the node only; no node name configured: the bare text.
+    d = LocalDelivery(store, "mx.example.org", node_name="n1")
+    env = envelope(d, MX, "bob@example.org", "carol@example.org")
+    replies = asyncio.run(d.deliver(env, MSG))
+    assert [r.text for r in replies] == ["Ok: queued as ABCDEF0123456789 (node n1)"] * 2
+    bare = asyncio.run(LocalDelivery(store, "mx").deliver(env, MSG))
+    assert bare[0].to_bytes() == b"250 2.0.0 Ok: queued as ABCDEF0123456789\r\n"
+    # In a cluster: the term is read once the commit (the barrier, i.e. the ack gate) returned.
+    term = [7]
+    d = LocalDelivery(store, "mx.example.org", node_name="n2", term=lambda: term[0])
+    store.barrier = TermBump(term)
+    try:
+        replies = asyncio.run(d.deliver(env, MSG, per_recipient=True))
+        streamed = envelope(d, MX, "alice@example.org")
+        spool = d.open_spool(streamed)
+        spool.write(b"Subject: big\r\n\r\n" + b"y" * 5000)
+        big = asyncio.run(d.deliver(streamed, b"\r\n", spool=spool))
+    finally:
+        store.barrier = None
+    assert [r.to_bytes() for r in replies] == [
+        b"250 2.0.0 Ok: queued as ABCDEF0123456789 (node n2 term 8)\r\n"
+    ] * 2
+    assert big[0].text == "Ok: queued as ABCDEF0123456789 (node n2 term 9)"
+    # A refusal names nothing.
+    full = asyncio.run(d.deliver(envelope(d, MX, "full@example.org"), b"x" * 2000))
+    assert full[0].text == "Mailbox full"

@@ -6,7 +6,10 @@ This is the only module that wires layers together. :class:`Node` owns the lifet
 resource of a node and starts them in order, stopping them in reverse:
 
 1. the store (``Store.open``: takes the data-directory lock, recovers; the recovery report is
-   logged, and the store itself warns about a dropped torn tail or an unusable checkpoint);
+   logged, and the store itself warns about a dropped torn tail or an unusable checkpoint).
+   While the lock is held by a process that answers on no admin socket (a CLI command working
+   on the store offline holds it for a moment), the start retries for up to
+   :data:`LOCK_WAIT_SECONDS`; held by a running node, it fails at once;
 2. the admin server on ``admin.socket``;
 3. the SMTP/submission/LMTP listeners of ``[smtp]`` (``mailharbor.server.smtp``; the mail log
    of ``log.mail_log`` is opened with them); stopped gracefully: 421 to idle sessions,
@@ -62,7 +65,8 @@ import time
 from enum import Enum
 
 from mailharbor import __version__
-from mailharbor.admin.protocol import Request, Response
+from mailharbor.admin.client import AdminClient, AdminClientError, NodeNotRunning
+from mailharbor.admin.protocol import Request, RequestError, Response
 from mailharbor.admin.server import AdminContext, AdminServer, execute
 from mailharbor.cluster.timing import Timing
 from mailharbor.config import Config, ConfigError
@@ -84,12 +88,16 @@ from mailharbor.service.auth import Authenticator
 from mailharbor.service.delivery import LocalDelivery
 from mailharbor.service.mailbox import MailboxService
 from mailharbor.service.queue import QueueRunner
-from mailharbor.store import Store, StoreOptions
+from mailharbor.store import Store, StoreLocked, StoreOptions
 from mailharbor.tls import server_context
 
 __all__ = ["Node", "NodeState", "run_node", "run_offline", "store_options"]
 
 log = logging.getLogger("mailharbor.node")
+
+#: How long a starting node waits for the data-directory lock held by a process that is not a
+#: running node (an offline CLI command) before it gives up ("in use by another process").
+LOCK_WAIT_SECONDS = 5.0
 
 
 class NodeState(Enum):
@@ -326,7 +334,7 @@ class Node:
             raise RuntimeError(f"node {self.name} cannot start from state {self.state.value}")
         log.info("node %s (%s) starting, pid %d", self.name, __version__, os.getpid())
         try:
-            self.store = open_store(self.config)
+            self.store = await self._open_store()
             ctx = AdminContext(store=self.store, node_name=self.name, status=self.status)
             if self.config.replication.enabled:
                 rs = repl_settings(self.config)
@@ -364,6 +372,34 @@ class Node:
             raise
         self.state = NodeState.RUNNING
         log.info("node %s running", self.name)
+
+    async def _open_store(self) -> Store:
+        """:func:`open_store`, retrying for up to :data:`LOCK_WAIT_SECONDS` while the data
+        directory is locked by a process that is not a running node (see the module doc)."""
+        deadline = time.monotonic() + LOCK_WAIT_SECONDS
+        waiting = False
+        while True:
+            try:
+                store = open_store(self.config)
+            except StoreLocked as e:
+                if time.monotonic() >= deadline or self._node_answers():
+                    raise
+                if not waiting:
+                    waiting = True
+                    log.warning("%s; waiting up to %.0f s for it", e, LOCK_WAIT_SECONDS)
+                await asyncio.sleep(0.1)
+                continue
+            if waiting:
+                log.info("data directory lock taken")
+            return store
+
+    def _node_answers(self) -> bool:
+        """Does a node answer on this configuration's admin socket (then it holds the lock)?"""
+        try:
+            AdminClient(self.config.admin.socket, timeout=2).call("status")
+        except (NodeNotRunning, AdminClientError, RequestError, OSError):
+            return False
+        return True
 
     async def stop(self) -> None:
         """Stop the resources in reverse order (idempotent)."""
@@ -500,7 +536,13 @@ class Node:
         authenticator = self._authenticator(store)
         hostname = self.config.node.hostname
         services = SmtpServices(
-            delivery=LocalDelivery(store, hostname, postmaster=cfg.postmaster),
+            delivery=LocalDelivery(
+                store,
+                hostname,
+                postmaster=cfg.postmaster,
+                node_name=self.name,
+                term=self.cluster.ack_term if self.cluster is not None else None,
+            ),
             authenticator=authenticator,
             options=SmtpOptions(
                 hostname=hostname,

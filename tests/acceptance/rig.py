@@ -18,8 +18,12 @@ blackhole route carries ``proto 213 metric <pytest pid>``, so tools/cleanup.sh r
 killed run left. Everything is also torn down by the fixtures (routes last).
 
 The checker (DESIGN.md, "How it is tested"): the load client records every attempt; every
-acknowledged Message-ID must be on the final primary exactly once. The 250 reply names neither
-node nor term yet, so the node of an ack is its endpoint.
+acknowledged Message-ID must be on the final primary exactly once (:func:`check_final`); every
+``250`` names the node and the term (``Ok: queued as QID (node n1 term 7)``), the node named is
+the endpoint the client sent to (no proxy mode in the rig), a term is never named by two nodes,
+and terms never interleave: no ack of an older term was sent after an ack of a newer term had
+arrived (:func:`check_acks`). :func:`final_check` runs both, and checks that the messages that
+are there unacknowledged (and a sample of the acknowledged ones) are whole.
 """
 
 from __future__ import annotations
@@ -27,6 +31,7 @@ from __future__ import annotations
 import itertools
 import json
 import os
+import random
 import secrets
 import shutil
 import signal
@@ -66,11 +71,14 @@ def sh(*cmd: str, check: bool = True) -> subprocess.CompletedProcess[str]:
     return r
 
 
-def wait_for(cond: Callable[[], bool], timeout: float, what: str) -> None:
+def wait_for(cond: Callable[[], bool], timeout: float, what: str | Callable[[], str]) -> None:
+    """Poll `cond` until true; `what` (or what it returns, evaluated at the timeout) says what
+    was awaited."""
     deadline = time.monotonic() + timeout
     while not cond():
         if time.monotonic() > deadline:
-            raise AssertionError(f"timed out ({timeout:.0f} s) waiting for: {what}")
+            text = what() if callable(what) else what
+            raise AssertionError(f"timed out ({timeout:.0f} s) waiting for: {text}")
         time.sleep(0.1)
 
 
@@ -340,17 +348,34 @@ class Cluster:
         )
 
     def pop3_ids(self, node: str) -> list[str]:
+        ids: list[str] = self._pop3(node)
+        return ids
+
+    def pop3_whole(self, node: str, mids: list[str]) -> tuple[list[str], list[str]]:
+        """The mailbox's Message-IDs, and which of `mids` are not whole there (fetched with
+        RETR and compared with what the load client sent)."""
+        path = self.base / f"whole-{secrets.token_hex(4)}.json"
+        path.write_text(json.dumps(mids))
+        out: dict[str, list[str]] = self._pop3(node, "--whole", str(path))
+        return out["ids"], out["broken"]
+
+    def _pop3(self, node: str, *extra: str) -> Any:
         r = subprocess.run(
             self.net.exec(
-                "host", sys.executable, str(CLIENT), "pop3", "--target", f"{LAN[node]}:{POP3_PORT}"
+                "host",
+                sys.executable,
+                str(CLIENT),
+                "pop3",
+                "--target",
+                f"{LAN[node]}:{POP3_PORT}",
+                *extra,
             ),
             capture_output=True,
             text=True,
             timeout=120,
         )
         assert r.returncode == 0, f"pop3 on {node}: {r.stderr[-2000:]}"
-        ids: list[str] = json.loads(r.stdout)
-        return ids
+        return json.loads(r.stdout)
 
     def dump(self) -> str:
         parts = [f"=== {k}\n{n.log[-8000:]}" for k, n in self.nodes.items()]
@@ -371,9 +396,21 @@ class Cluster:
 class Ev:
     ev: str
     mid: str
-    node: str
-    t: float
+    node: str  # the endpoint the client sent to
+    t: float  # time.monotonic() when the reply arrived
     code: int
+    named: str = ""  # the node the 250 names ("" if none)
+    term: int = -1  # the term the 250 names (-1 if none)
+    reply: str = ""
+    stage: str = ""  # a failure: where the session ended (client.py)
+    err: str = ""  # a failure without a reply (code 0): the client's exception
+    sent: float = 0.0  # an ack: when the client sent DATA (the server decided after this)
+
+    @property
+    def broken_session(self) -> bool:
+        """A failure without a reply after the greeting: the server reset or closed a session
+        instead of answering it (``421`` / a ``4xx`` is the graceful way)."""
+        return self.ev == "fail" and self.code == 0 and self.stage not in ("", "connect")
 
 
 class Load:
@@ -427,8 +464,29 @@ class Load:
             except ValueError:
                 continue  # a line being written
             if d["ev"] in ("ack", "fail"):
-                evs.append(Ev(d["ev"], d["mid"], d["node"], d["t"], d.get("code", 250)))
+                evs.append(
+                    Ev(
+                        d["ev"],
+                        d["mid"],
+                        d["node"],
+                        d["t"],
+                        d.get("code", 250),
+                        d.get("named", ""),
+                        d.get("term", -1),
+                        d.get("reply", ""),
+                        d.get("stage", ""),
+                        d.get("err", ""),
+                        d.get("sent", d["t"]),
+                    )
+                )
         return evs
+
+    def fails(self, node: str | None = None, after: float = 0.0) -> list[Ev]:
+        return [
+            e
+            for e in self.events()
+            if e.ev == "fail" and (node is None or e.node == node) and e.t >= after
+        ]
 
     def acks(self, node: str | None = None, after: float = 0.0) -> list[Ev]:
         return [
@@ -458,16 +516,128 @@ def check_final(acked: list[str], have: list[str]) -> Verdict:
     )
 
 
-def ack_segments(acks: list[Ev]) -> list[tuple[str, int, float, float]]:
-    """Runs of consecutive acks (by time) from the same node: (node, count, first, last)."""
-    segs: list[tuple[str, int, float, float]] = []
+@dataclass(frozen=True, slots=True)
+class Run:
+    """Consecutive acks (by arrival time) naming the same node and term."""
+
+    node: str
+    term: int
+    count: int
+    first: float
+    last: float
+
+
+def ack_segments(acks: list[Ev]) -> list[Run]:
+    """The acks in arrival order, as runs of the same (named node, term)."""
+    runs: list[Run] = []
     for e in sorted(acks, key=lambda e: e.t):
-        if segs and segs[-1][0] == e.node:
-            node, n, first, _ = segs[-1]
-            segs[-1] = (node, n + 1, first, e.t)
+        if runs and (runs[-1].node, runs[-1].term) == (e.named, e.term):
+            r = runs[-1]
+            runs[-1] = Run(r.node, r.term, r.count + 1, r.first, e.t)
         else:
-            segs.append((e.node, 1, e.t, e.t))
-    return segs
+            runs.append(Run(e.named, e.term, 1, e.t, e.t))
+    return runs
+
+
+def check_acks(acks: list[Ev]) -> list[str]:
+    """The checker's rules for the 250s themselves; the problems found (empty: all good).
+
+    - every 250 names a node and a term;
+    - the node named is the node the client sent to (the checker's view of who acknowledged);
+    - one term, one node: no term is named by two nodes;
+    - terms never interleave: no ack of a term was decided after an ack of a newer term. A
+      server decides between the client's DATA (``sent``) and the 250's arrival (``t``), so
+      the violation the clients can prove is an ack of term T1 *sent* after an ack of a newer
+      term T2 had *arrived*. (A 250 decided before a fault and delivered after it — a TCP
+      retransmission once a partition heals, a reply written as a paused process resumes —
+      arrives late but is no interleaving.)"""
+    problems: list[str] = []
+    owner: dict[int, str] = {}
+    first_arrival: dict[int, Ev] = {}
+    for e in sorted(acks, key=lambda e: e.t):
+        if not e.named or e.term < 0:
+            problems.append(f"{e.mid}: the 250 names no node and term: {e.reply!r}")
+            continue
+        if e.named != e.node:
+            problems.append(f"{e.mid}: sent to {e.node}, the 250 names {e.named}")
+        if owner.setdefault(e.term, e.named) != e.named:
+            problems.append(f"{e.mid}: term {e.term} named by {owner[e.term]} and {e.named}")
+        first_arrival.setdefault(e.term, e)
+    for e in acks:
+        newer = [f for term, f in first_arrival.items() if term > e.term and f.t < e.sent]
+        if e.term >= 0 and newer:
+            f = min(newer, key=lambda f: f.t)
+            problems.append(
+                f"{e.mid}: term {e.term} from {e.named} sent at {e.sent:.3f}, after term "
+                f"{f.term} from {f.named} had acknowledged at {f.t:.3f}"
+            )
+    return problems
+
+
+def runs_text(acks: list[Ev]) -> str:
+    return ", ".join(f"{r.node}/t{r.term} x{r.count}" for r in ack_segments(acks))
+
+
+def seed_for(mailharbor_seed: int, name: str) -> int:
+    """A seed for one test's load, derived from the run's seed (printed)."""
+    seed = random.Random(f"{mailharbor_seed}:{name}").randrange(2**32)
+    print(f"seed for {name}: {seed} (from run seed {mailharbor_seed})")
+    return seed
+
+
+#: How many acknowledged messages final_check fetches whole (besides every unacknowledged one).
+WHOLE_SAMPLE = 20
+
+
+def final_check(
+    cluster: Cluster,
+    load: Load,
+    primary: str,
+    *,
+    min_acked: int = 10,
+) -> Verdict:
+    """The whole checker over `load` with `primary` the final primary: the 250s
+    (:func:`check_acks`); every acknowledged Message-ID exactly once in its mailbox; every
+    message there that was not acknowledged, and a seeded sample of the acknowledged ones,
+    whole (byte for byte what was sent)."""
+    acks = load.acks()
+    problems = check_acks(acks)
+    acked = {e.mid for e in acks}
+    tried = {e.mid for e in load.events()}
+    # Whole: every message that is there unacknowledged, and a sample of the acknowledged ones.
+    sample = random.sample(sorted(acked), min(WHOLE_SAMPLE, len(acked)))
+    have, broken = cluster.pop3_whole(primary, sorted(tried - acked) + sample)
+    v = check_final(sorted(acked), have)
+    print(
+        f"checker: {v.acked} acknowledged, lost {len(v.lost)}, duplicated "
+        f"{len(v.duplicated)}, unacknowledged but present {v.unacked_present}; "
+        f"ack runs (node/term x count): {runs_text(acks)}"
+    )
+    assert not problems, f"{len(problems)} bad acknowledgements: {problems[:5]}"
+    assert not broken, f"messages present but not whole: {broken[:5]}"
+    assert v.acked >= min_acked, "too little load got through"
+    assert not v.lost, f"acknowledged but lost: {v.lost[:5]}\n{cluster.dump()}"
+    assert not v.duplicated, f"duplicated: {v.duplicated[:5]}"
+    return v
+
+
+def rejoin(cluster: Cluster, node: str, primary: str, timeout: float = 40) -> None:
+    """`node` must come back as Secondary (restarted if it exited) and resync."""
+    n = cluster.nodes[node]
+
+    def rejoined() -> bool:
+        if not n.alive():  # self-fenced (exit 75): an operator or systemd restarts it
+            last = n.log.splitlines()[-1][-160:] if n.log else ""
+            print(f"{node} exited ({last}); restarting it")
+            n.kill()
+            n.start()
+        return cluster.settled(primary, node)
+
+    try:
+        wait_for(rejoined, timeout, f"{node} Secondary in sync")
+    except AssertionError as e:
+        st = {k: v.status() for k, v in cluster.nodes.items()}
+        raise AssertionError(f"{e}\nstatus: {json.dumps(st)[:6000]}\n{cluster.dump()}") from None
 
 
 @contextmanager

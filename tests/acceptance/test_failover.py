@@ -9,7 +9,6 @@ Each test builds a fresh cluster (n1 first primary, n2 secondary). Run one at a 
 from __future__ import annotations
 
 import json
-import random
 import secrets
 import signal
 import subprocess
@@ -21,8 +20,6 @@ from typing import Any
 
 import pytest
 
-from fault.disks import unavailable
-
 from .rig import (
     LAN,
     MAILHARBOR,
@@ -33,10 +30,10 @@ from .rig import (
     Load,
     Net,
     Proc,
-    ack_segments,
-    check_final,
-    rig,
-    rig_available,
+    final_check,
+    rejoin,
+    runs_text,
+    seed_for,
     sh,
     wait_for,
 )
@@ -44,24 +41,9 @@ from .rig import (
 pytestmark = pytest.mark.acceptance
 
 
-@pytest.fixture(autouse=True)
-def _needs_rig() -> None:
-    """Without the rig's tools the test is skipped, or fails under ``MH_FAULT_STRICT=1``
-    (`make test`): a missing tool must never pass silently."""
-    reason = rig_available()
-    if reason:
-        unavailable(reason)
-
-
 IMAP_PORT = 1143
 SWITCH_PORT = 7500
 MAILBOX_CLIENT = Path(__file__).with_name("mailbox_client.py")
-
-
-@pytest.fixture(scope="module")
-def net() -> Iterator[Net]:
-    with rig() as n:
-        yield n
 
 
 def _tag(request: pytest.FixtureRequest) -> str:
@@ -160,43 +142,6 @@ def two_node(net: Net, request: pytest.FixtureRequest) -> Iterator[TwoNode]:
         t.cleanup()
 
 
-def _seed(mailharbor_seed: int, name: str) -> int:
-    seed = random.Random(f"{mailharbor_seed}:{name}").randrange(2**32)
-    print(f"seed for {name}: {seed} (from run seed {mailharbor_seed})")
-    return seed
-
-
-def _final_check(cluster: Cluster, load: Load, primary: str) -> None:
-    acked = [e.mid for e in load.acks()]
-    v = check_final(acked, cluster.pop3_ids(primary))
-    print(
-        f"checker: {v.acked} acknowledged, lost {len(v.lost)}, duplicated "
-        f"{len(v.duplicated)}, unacknowledged but present {v.unacked_present}; "
-        f"ack runs {[(s[0], s[1]) for s in ack_segments(load.acks())]}"
-    )
-    assert v.acked >= 10, "too little load got through"
-    assert not v.lost, f"acknowledged but lost: {v.lost[:5]}\n{cluster.dump()}"
-    assert not v.duplicated, f"duplicated: {v.duplicated[:5]}"
-
-
-def _rejoin(cluster: Cluster, node: str, primary: str) -> None:
-    """`node` must come back as Secondary (restarted if it exited) and resync."""
-    n = cluster.nodes[node]
-
-    def rejoined() -> bool:
-        if not n.alive():  # self-fenced (exit 75): an operator or systemd restarts it
-            print(f"{node} exited; restarting it")
-            n.kill()
-            n.start()
-        return cluster.settled(primary, node)
-
-    try:
-        wait_for(rejoined, 40, f"{node} Secondary in sync")
-    except AssertionError as e:
-        st = {k: v.status() for k, v in cluster.nodes.items()}
-        raise AssertionError(f"{e}\nstatus: {json.dumps(st)[:6000]}\n{cluster.dump()}") from None
-
-
 def _cut_between_nodes(net: Net, name: str, peer: str) -> None:
     """In `name`'s namespace: drop the replication link and the peer's LAN address; the
     witness and the clients (host namespace) stay reachable. Same nft table as Net.drop, so
@@ -230,7 +175,7 @@ def test_all_links_between_nodes_cut_witness_up(
 ) -> None:
     n1, n2 = cluster.nodes["n1"], cluster.nodes["n2"]
     both_could_ack: list[tuple[float, Any, Any]] = []
-    with Load(cluster, "allcut", _seed(mailharbor_seed, "allcut")) as load:
+    with Load(cluster, "allcut", seed_for(mailharbor_seed, "allcut")) as load:
         time.sleep(2)
         t_cut = time.monotonic()
         _cut_between_nodes(net, "n1", "n2")
@@ -253,19 +198,17 @@ def test_all_links_between_nodes_cut_witness_up(
         net.heal("n1")
         primary = "n1" if n1.role() == "Primary" else "n2"
         other = "n2" if primary == "n1" else "n1"
-        _rejoin(cluster, other, primary)
+        rejoin(cluster, other, primary)
         time.sleep(1)
     assert not both_could_ack, f"both nodes could acknowledge: {both_could_ack[:3]}"
-    segs = ack_segments(load.acks())
-    print(f"ack runs: {[(s[0], s[1]) for s in segs]}; final primary {primary}")
-    # At most one node acknowledges at any moment: the ack runs never interleave, i.e. the
-    # acknowledging node changes at most once (a failover), never back.
-    assert len({s[0] for s in segs}) == len(segs), f"acks interleave: {segs}"
+    print(f"ack runs: {runs_text(load.acks())}; final primary {primary}")
+    # At most one node acknowledges at any moment: final_check's term rule (terms never
+    # interleave, one node per term) covers it.
     if primary == "n1":
         assert not load.acks("n2"), "n2 acknowledged although n1 stayed primary"
         assert load.acks("n1", after=t_cut + 5), f"n1 stopped serving\n{cluster.dump()}"
     assert cluster.nodes[other].role() == "Secondary"
-    _final_check(cluster, load, primary)
+    final_check(cluster, load, primary)
 
 
 # --- (b) fencing fails: the survivor does not promote, says why; then it does ----------------
@@ -384,7 +327,7 @@ def test_imap_pop3_state_survives_failover(
 ) -> None:
     n1, n2 = cluster.nodes["n1"], cluster.nodes["n2"]
     tag = f"imf{secrets.token_hex(3)}"
-    before = _mailbox(net, "n1", "before", tag, _seed(mailharbor_seed, "imap-pop3"))
+    before = _mailbox(net, "n1", "before", tag, seed_for(mailharbor_seed, "imap-pop3"))
     print(f"before (on n1): {json.dumps(before)}")
     t_kill = time.monotonic()
     n1.signal(signal.SIGKILL)

@@ -529,7 +529,14 @@ class ClusterManager:
             node = self.settings.node_name
         d = await self.command(CommandKind(kind), node, force=force)
         if d.command is CommandOutcome.REFUSED:
-            raise RoleError(f"refused ({d.reason}): {REASONS.get(d.reason, '')}")
+            where = ""
+            if d.reason == "forward-to-peer":
+                # Not forwarded: a node takes admin commands only on its local socket (see
+                # docs/cluster.md, "cluster standby NODE for the peer").
+                peer = self.settings.peer_name
+                force_arg = " --force" if force else ""
+                where = f"; run `mailharbor cluster {kind} {peer}{force_arg}` on {peer}"
+            raise RoleError(f"refused ({d.reason}): {REASONS.get(d.reason, '')}{where}")
         return {"action": d.action.value, "reason": d.reason, "detail": d.detail}
 
     # -- the ack gate ------------------------------------------------------------------------
@@ -643,6 +650,13 @@ class ClusterManager:
 
     def _term(self) -> int:
         return self.lease.granted_term if not self.settings.two_node else self._generation()
+
+    def ack_term(self) -> int:
+        """The term this node acknowledges under, as its heartbeats advertise it: the term of
+        the witness's last grant to this node (two-node mode: the replication generation). It
+        changes only when the vote changes hands, so acknowledgements from two nodes never
+        share a term and a later term means a later holder. Named in every SMTP ``250``."""
+        return self._term()
 
     def _stop_overdue(self, now: float, confirms: bool) -> bool:
         if self.resources is not Resources.STOPPING or self._stop_started is None:

@@ -38,6 +38,10 @@ its MIME metadata, one delivery record for all local INBOXes, and for remote rec
 entry whose body has the ``Received:`` header but no ``Return-Path:`` (RFC 5321 4.4: only the
 final delivery adds it). Bare LF in the body is stored as CRLF. The replies (250) are returned only
 after the commit returned, i.e. after the durability barrier: acknowledged means durable.
+The ``250`` names the node and, in a cluster, the term of the witness lease (two-node mode: the
+replication generation) it is sent under: ``250 2.0.0 Ok: queued as QID (node n1 term 7)``; a
+node without a cluster manager says ``(node n1)``. The text is made after the commit returned
+(the cluster's ack gate is part of the barrier), so the term is the one the gate passed under.
 
 NOTIFY=SUCCESS (RFC 3461) of a local recipient: a success report (``delivered``, or ``expanded``
 for an alias with several targets, whose forwarded copies are queued without SUCCESS) goes to the
@@ -71,7 +75,7 @@ import logging
 import os
 import secrets
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from email.utils import formatdate
 from typing import Protocol
@@ -108,6 +112,8 @@ R_QUOTA = Reply(452, "4.2.2", "Mailbox full")
 R_NOT_OWNED = Reply(553, "5.7.1", "Sender address rejected: not owned by user")
 R_TEMP = Reply(451, "4.3.0", "Error: queue file write error")
 R_FROZEN = Reply(451, "4.3.0", "Error: writes suspended (replication peer lost), try again later")
+#: Placeholder for an accepted recipient until the commit returned (see ``queued_reply``).
+R_QUEUED = Reply(250, "2.0.0", "Ok: queued")
 
 
 def _store_reply(e: StoreError | None) -> Reply:
@@ -347,12 +353,29 @@ class LocalDelivery:
         postmaster: str = "",
         filters: Sequence[MessageFilter] = (),
         max_alias_depth: int = 10,
+        node_name: str = "",
+        term: Callable[[], int] | None = None,
     ) -> None:
         self.store = store
         self.hostname = hostname
         self.postmaster = postmaster.lower()
         self.filters = tuple(filters)
         self.max_alias_depth = max_alias_depth
+        #: ``node_name`` and ``term`` make the ``250`` after DATA name the node (and the term
+        #: of the lease it acknowledges under; read when the reply is made, after the commit).
+        self.node_name = node_name
+        self.term = term
+        self._node_note = f" (node {node_name})" if node_name else ""
+        self._term_note = f" (node {node_name} term " if node_name else " (term "
+
+    def queued_reply(self, queue_id: str) -> Reply:
+        """The ``250`` for a committed message: ``Ok: queued as QID (node NAME term T)``;
+        without a term source ``(node NAME)``, without a node name just ``Ok: queued as QID``.
+        Called after the durability barrier (and the cluster's ack gate) released the
+        transaction, so ``T`` is the term under which this acknowledgement goes out."""
+        if self.term is not None:
+            return Reply(250, "2.0.0", f"Ok: queued as {queue_id}{self._term_note}{self.term()})")
+        return Reply(250, "2.0.0", f"Ok: queued as {queue_id}{self._node_note}")
 
     # -- MAIL FROM -------------------------------------------------------------------------
 
@@ -555,7 +578,7 @@ class LocalDelivery:
             if r.accounts and self._over_quota(r.accounts, len(local_blob)):
                 replies.append(R_QUOTA)
                 continue
-            replies.append(Reply(250, "2.0.0", f"Ok: queued as {envelope.queue_id}"))
+            replies.append(R_QUEUED)  # made by queued_reply() once committed
             for m in r.mailboxes:
                 mailboxes[m] = None
             for a in r.remote:
@@ -563,7 +586,9 @@ class LocalDelivery:
         if not per_recipient and any(not r.positive for r in replies):
             return self._finish(envelope, body, [R_QUOTA] * n, "over quota", started)
         if not mailboxes and not remote:
-            return self._finish(envelope, body, replies, "rejected", started)
+            return self._finish(
+                envelope, body, self._queued(envelope, replies), "rejected", started
+            )
         try:
             async with self.store.transaction() as t:
                 if mailboxes:
@@ -583,7 +608,7 @@ class LocalDelivery:
         except Exception:
             log.exception("delivery of %s failed", envelope.queue_id)
             return self._finish(envelope, body, [R_TEMP] * n, "internal error", started)
-        return self._finish(envelope, body, replies, "", started)
+        return self._finish(envelope, body, self._queued(envelope, replies), "", started)
 
     async def _deliver_spooled(
         self, envelope: Envelope, spool: MessageSpool, per_recipient: bool
@@ -600,7 +625,7 @@ class LocalDelivery:
             if r.accounts and self._over_quota(r.accounts, spool.local_size):
                 replies.append(R_QUOTA)
                 continue
-            replies.append(Reply(250, "2.0.0", f"Ok: queued as {envelope.queue_id}"))
+            replies.append(R_QUEUED)  # made by queued_reply() once committed
             for m in r.mailboxes:
                 mailboxes[m] = None
             for a in r.remote:
@@ -615,6 +640,7 @@ class LocalDelivery:
             return self._finish(envelope, head, [R_QUOTA] * n, "over quota", started, size=size)
         if not mailboxes and not remote:
             spool.abort()
+            replies = self._queued(envelope, replies)
             return self._finish(envelope, head, replies, "rejected", started, size=size)
         try:
             local, queued = spool.finish()
@@ -640,7 +666,13 @@ class LocalDelivery:
             spool.abort()
             log.exception("delivery of %s failed", envelope.queue_id)
             return self._finish(envelope, head, [R_TEMP] * n, "internal error", started, size=size)
-        return self._finish(envelope, head, replies, "", started, size=size)
+        return self._finish(envelope, head, self._queued(envelope, replies), "", started, size=size)
+
+    def _queued(self, envelope: Envelope, replies: list[Reply]) -> list[Reply]:
+        """``replies`` with every :data:`R_QUEUED` placeholder replaced by the final ``250``
+        (:meth:`queued_reply`, made now: after the commit returned)."""
+        ok = self.queued_reply(envelope.queue_id)
+        return [ok if r is R_QUEUED else r for r in replies]
 
     def _success_report(
         self, t: Transaction, envelope: Envelope, replies: list[Reply], original: bytes
