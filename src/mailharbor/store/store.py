@@ -80,7 +80,8 @@ import threading
 import time
 from collections import OrderedDict, deque
 from collections.abc import Callable, Iterator, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import wait as futures_wait
 from dataclasses import dataclass, field
 from enum import Enum
 from types import TracebackType
@@ -1047,6 +1048,12 @@ class Store:
         self._lock_fd = -1
         self._segments: dict[int, fmt.SegmentHeader] = {}
         self._active: WritableFile | None = None
+        self._active_size = 0  # its size including queued (deferred) writes
+        # Deferred writes (ingest): queued on the flusher's one worker thread, in order with
+        # its fsyncs; see `_queue_writes`.
+        self._batch: list[bytes] = []
+        self._write_jobs: list[Future[None]] = []
+        self._write_error: OSError | None = None
         self._active_segno = 0
         self._readers: dict[int, ReadableFile] = {}
         self._next_lsn = 1
@@ -1289,6 +1296,7 @@ class Store:
                         )
             last = segnos[-1]
             self._active = self.fs.open_append(segment_path(self._logdir, last))
+            self._active_size = self._active.size()
             self._active_segno = last
         self._next_lsn = self.index.last_lsn + 1
         self._durable_lsn = self.index.last_lsn
@@ -1424,6 +1432,7 @@ class Store:
             raise
         self._segments[segno] = hdr
         self._active = f
+        self._active_size = f.size()
         self._active_segno = segno
 
     # -- checkpoints ---------------------------------------------------------------------------
@@ -1532,19 +1541,30 @@ class Store:
         blobs: tuple[bytes, ...],
         records: Sequence[fmt.Record] | None = None,
         nlsns: int = 1,
+        *,
+        defer: bool = False,
     ) -> None:
+        """Append one frame. ``defer``: the bytes go to the end of ``_batch`` and are written
+        by the flusher's thread (`_queue_writes`, called before control returns to the event
+        loop); otherwise they are written here, after every queued write."""
         assert self._active is not None
         if (
-            self._active.size() + len(frame) > self.options.segment_bytes
-            and self._active.size() > fmt.SEGMENT_HEADER_SIZE
+            self._active_size + len(frame) > self.options.segment_bytes
+            and self._active_size > fmt.SEGMENT_HEADER_SIZE
         ):
+            self._settle_writes()
             self._roll()
-        off = self._active.size()
-        try:
-            self._active.write(frame)
-        except OSError as e:
-            self._fail(e)
-            raise StoreIOError(f"write to the log failed: {e.strerror or e}") from None
+        off = self._active_size
+        if defer:
+            self._batch.append(frame)
+        else:
+            self._settle_writes()
+            try:
+                self._active.write(frame)
+            except OSError as e:
+                self._fail(e)
+                raise StoreIOError(f"write to the log failed: {e.strerror or e}") from None
+        self._active_size += len(frame)
         if not self._unsynced or self._unsynced[-1] is not self._active:
             self._unsynced.append(self._active)
         self._pending.append(
@@ -1631,12 +1651,51 @@ class Store:
         files, self._unsynced = self._unsynced, []
         return files
 
-    @staticmethod
-    def _sync_files(files: list[WritableFile]) -> None:
+    def _sync_files(self, files: list[WritableFile]) -> None:
         """fsync the files (segment creation syncs the directory itself). Runs in a worker
-        thread (async) or inline (sync); touches no other state."""
+        thread (async) or inline (sync), after every write queued before it (one worker
+        thread); a queued write that failed fails this sync. Touches no other state."""
+        if self._write_error is not None:
+            raise self._write_error
         for f in files:
             f.sync()
+
+    def _queue_writes(self) -> None:
+        """Hand ``_batch`` (frames appended with ``defer``, all to the active segment) to the
+        flusher's worker thread: written there in order, before any fsync submitted later, so
+        the event loop does not wait for the disk (a resync's ingest). Called before control
+        returns to the loop, so a flush that takes the file sees its bytes queued first."""
+        if not self._batch:
+            return
+        assert self._active is not None
+        data = b"".join(self._batch)
+        self._batch.clear()
+        if self._executor is None:
+            self._executor = ThreadPoolExecutor(1, thread_name_prefix="mh-fsync")
+        self._write_jobs = [j for j in self._write_jobs if not j.done()]
+        self._write_jobs.append(self._executor.submit(self._write_job, self._active, data))
+
+    def _write_job(self, f: WritableFile, data: bytes) -> None:
+        """(worker thread) One queued write; an error is kept for the next sync to raise."""
+        if self._write_error is not None:
+            return  # the log is failing: nothing after the failed write may land
+        try:
+            f.write(data)
+        except OSError as e:
+            self._write_error = e
+
+    def _settle_writes(self) -> None:
+        """Wait (blocking) until every queued write is done; raise StoreIOError (the store
+        fails) if one failed. Called before a write that must follow them on the loop
+        thread: a commit's own write, a new segment."""
+        self._queue_writes()
+        if self._write_jobs:
+            futures_wait(self._write_jobs)
+            self._write_jobs.clear()
+        if self._write_error is not None:
+            e = self._write_error
+            self._fail(e)
+            raise StoreIOError(f"write to the log failed: {e.strerror or e}")
 
     def _close_sealed(self, files: list[WritableFile]) -> None:
         """After a sync (loop thread): close write handles of sealed segments that no later
@@ -1697,6 +1756,7 @@ class Store:
                 "synchronous commits are not allowed while a durability barrier "
                 "(replication) is set"
             )
+        self._settle_writes()
         target = self._next_lsn - 1
         files = self._take_unsynced()
         # Files an async flush is syncing right now hold frames <= target too.
@@ -2078,10 +2138,13 @@ class Store:
                 )
             checked.append((bytes(raw), hdr, payload, blobs, nlsns))
             lsn += nlsns
-        for raw, hdr, payload, blobs, nlsns in checked:
-            self._append_raw(raw, hdr, payload, blobs, nlsns=nlsns)
-            if hdr.kind == fmt.FrameKind.TXN:
-                self.generation = max(self.generation, hdr.generation)
+        try:
+            for raw, hdr, payload, blobs, nlsns in checked:
+                self._append_raw(raw, hdr, payload, blobs, nlsns=nlsns, defer=True)
+                if hdr.kind == fmt.FrameKind.TXN:
+                    self.generation = max(self.generation, hdr.generation)
+        finally:
+            self._queue_writes()
 
     # -- replication API -----------------------------------------------------------------------
 
