@@ -7,6 +7,9 @@ cluster's decision loop takes the witness's vote and promotes A. Every node has 
 links (UDP on loopback). What the nodes think is read with ``cluster status --json``; what they
 hold is read over POP3 on the survivor: every Message-ID that got a ``250`` must be there.
 
+In two-node mode (no witness, the test power switch as STONITH agent): the primary keeps
+acknowledging while its restarted peer resyncs, and loses nothing (issue 6).
+
 Also unit tests of the witness daemon's persistence (the fsync'd state survives a restart; no
 two nodes get the vote).
 """
@@ -14,12 +17,17 @@ two nodes get the vote).
 from __future__ import annotations
 
 import asyncio
+import itertools
 import json
+import random
 import secrets
+import shutil
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import tomllib
 from collections.abc import Iterator
@@ -203,27 +211,21 @@ def test_witness_udp_round_trip(tmp_path: Path) -> None:
 # --- real processes ---------------------------------------------------------------------------
 
 
-class WitnessProc:
-    def __init__(self, tag: str, nodes: tuple[str, str], secret: str) -> None:
-        self.base = Path(tempfile.mkdtemp(prefix=f"witness-{tag}-"))
-        self.port = free_port()
-        self.config = self.base / "witness.toml"
-        self.config.write_text(
-            f'listen = "127.0.0.1:{self.port}"\nstate_dir = "state"\n[[pair]]\n'
-            f'name = "mh-{tag}"\nnodes = ["{nodes[0]}", "{nodes[1]}"]\nsecret = "{secret}"\n'
-        )
-        self.log_path = self.base / "witness.log"
+class _Daemon:
+    """A helper daemon of these tests, its output in ``<base>/<name>.log``; started by
+    :meth:`_run`, which waits for "listening" in its log."""
+
+    def __init__(self, tag: str, name: str) -> None:
+        self.base = Path(tempfile.mkdtemp(prefix=f"{name}-{tag}-"))
+        self.name = name
+        self.log_path = self.base / f"{name}.log"
         self.proc: subprocess.Popen[bytes] | None = None
         self._log: IO[bytes] | None = None
 
-    def start(self) -> None:
+    def _run(self, cmd: list[str]) -> None:
         self._log = open(self.log_path, "ab")  # noqa: SIM115 - closed in kill()
-        self.proc = subprocess.Popen(
-            [str(MAILHARBOR), "witness", "--config", str(self.config)],
-            stdout=self._log,
-            stderr=subprocess.STDOUT,
-        )
-        wait_for(lambda: "listening" in self.log, 10, "witness listening")
+        self.proc = subprocess.Popen(cmd, stdout=self._log, stderr=subprocess.STDOUT)
+        wait_for(lambda: "listening" in self.log, 10, f"{self.name} listening")
 
     @property
     def log(self) -> str:
@@ -238,11 +240,61 @@ class WitnessProc:
             self._log = None
 
 
-class Cluster:
-    """Nodes a and b with SMTP/POP3, replication, two heartbeat links each, and a witness."""
+class WitnessProc(_Daemon):
+    def __init__(self, tag: str, nodes: tuple[str, str], secret: str) -> None:
+        super().__init__(tag, "witness")
+        self.port = free_port()
+        self.config = self.base / "witness.toml"
+        self.config.write_text(
+            f'listen = "127.0.0.1:{self.port}"\nstate_dir = "state"\n[[pair]]\n'
+            f'name = "mh-{tag}"\nnodes = ["{nodes[0]}", "{nodes[1]}"]\nsecret = "{secret}"\n'
+        )
 
-    def __init__(self, tag: str, **cluster: Any) -> None:
+    def start(self) -> None:
+        self._run([str(MAILHARBOR), "witness", "--config", str(self.config)])
+
+
+class PowerSwitchProc(_Daemon):
+    """The test power switch (``python -m mailharbor.server.powerswitch``) on loopback: the
+    STONITH agent of a two-node pair."""
+
+    def __init__(self, tag: str) -> None:
+        super().__init__(tag, "switch")
+        self.addr = f"127.0.0.1:{free_port()}"
+
+    def start(self) -> None:
+        self._run([sys.executable, "-m", "mailharbor.server.powerswitch", self.addr])
+
+    def tell(self, line: str) -> str:
+        host, port = self.addr.rsplit(":", 1)
+        with socket.create_connection((host, int(port)), 10) as c:
+            c.sendall(line.encode() + b"\n")
+            return c.makefile().readline().strip()
+
+    def register(self, name: str, node: ServeNode) -> None:
+        assert node.proc is not None
+        assert self.tell(f"REGISTER {name} {node.proc.pid}") == "OK"
+
+    def kill(self) -> None:
+        super().kill()
+        shutil.rmtree(self.base, ignore_errors=True)
+
+
+class Cluster:
+    """Nodes a and b with SMTP/POP3, replication, two heartbeat links each, and a witness —
+    or, with ``switch``, in two-node mode (no witness; the test power switch as STONITH agent,
+    replication fencing ``resource-and-stonith``, as DRBD's)."""
+
+    def __init__(
+        self,
+        tag: str,
+        *,
+        switch: PowerSwitchProc | None = None,
+        replication: dict[str, Any] | None = None,
+        **cluster: Any,
+    ) -> None:
         self.tag = tag
+        self.switch = switch
         secret = secrets.token_hex(16)
         self.repl = {"a": free_port(), "b": free_port()}
         self.smtp = {"a": free_port(), "b": free_port()}
@@ -258,13 +310,19 @@ class Cluster:
                     "listen": f"127.0.0.1:{self.repl[me]}",
                     "secret": secret,
                     "role": role,
-                    "fencing": "resource-only",
+                    "fencing": "resource-only" if switch is None else "resource-and-stonith",
                     "ping_interval": "500ms",
                     "ping_timeout": "1500ms",
                     "ack_timeout": "3s",
+                    **(replication or {}),
                 },
             }
-            self.nodes[me] = ServeNode(f"cl-{tag}-{me}", settings)
+            node = ServeNode(f"cl-{tag}-{me}", settings)
+            # The pair needs two names (the power switch's outlets are named after them).
+            text = node.config.read_text()
+            assert text.count('\nname = "mail"\n') == 1
+            node.config.write_text(text.replace('\nname = "mail"\n', f'\nname = "{tag}-{me}"\n'))
+            self.nodes[me] = node
         ids = {n: self._node_id(self.nodes[n]) for n in "ab"}
         self.witness = WitnessProc(tag, (ids["a"], ids["b"]), secret)
         for me, peer in (("a", "b"), ("b", "a")):
@@ -276,7 +334,11 @@ class Cluster:
                 "name": f"mh-{tag}",
                 "peer_node_id": ids[peer],
                 "peer_name": self._node_name(self.nodes[peer]),
-                "witness": f"127.0.0.1:{self.witness.port}",
+                **(
+                    {"witness": f"127.0.0.1:{self.witness.port}"}
+                    if switch is None
+                    else {"two_node": True, "stonith": "power-switch", "power_switch": switch.addr}
+                ),
                 # A syncs B within milliseconds; without a preference the lower id would win.
                 "preferred": ids["a"],
                 **cluster,
@@ -307,9 +369,15 @@ class Cluster:
         return self.nodes["b"]
 
     def start(self) -> None:
-        self.witness.start()
+        if self.switch is None:
+            self.witness.start()
+        else:
+            self.switch.start()
         self.a.start(wait_ports=False)
         self.b.start(wait_ports=False)
+        if self.switch is not None:
+            for n in self.nodes.values():
+                self.switch.register(self._node_name(n), n)
         wait_for(lambda: self.settled("a", "b"), 40, "A primary, B secondary in sync")
 
     def settled(self, primary: str, secondary: str) -> bool:
@@ -329,6 +397,8 @@ class Cluster:
         for n in self.nodes.values():
             n.cleanup()
         self.witness.kill()
+        if self.switch is not None:
+            self.switch.kill()
 
 
 def cstatus(node: ServeNode) -> dict[str, Any] | None:
@@ -446,6 +516,150 @@ def test_switchover_swaps_roles_and_loses_nothing(cluster: Cluster) -> None:
     assert r.returncode == 1 and "forward-to-peer" in r.stderr, r.stderr
     b = cluster._node_name(cluster.b)
     assert f"run `mailharbor cluster standby {b}` on {b}" in r.stderr, r.stderr
+
+
+# --- two-node mode: the primary keeps acknowledging while its restarted peer resyncs ----------
+
+
+class AckProbe:
+    """One sender in a thread, one small message after the other to ``port``: the time of
+    every ``250`` and of every failure."""
+
+    def __init__(self, port: int, tag: str) -> None:
+        self.port, self.tag = port, tag
+        self.acks: list[tuple[float, str]] = []
+        self.failures: list[float] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        n = 0
+        while not self._stop.is_set():
+            n += 1
+            mid = f"{self.tag}-probe-{n}@load.test"
+            if send(self.port, mid, 500):
+                self.acks.append((time.monotonic(), mid))
+            else:
+                self.failures.append(time.monotonic())
+                time.sleep(0.02)
+
+    def __enter__(self) -> AckProbe:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join(60)
+
+    def longest_gap(self, start: float, end: float) -> float:
+        """The longest time in [start, end] without a ``250``."""
+        times = [start, *(t for t, _ in self.acks if start < t < end), end]
+        return max(b - a for a, b in itertools.pairwise(times))
+
+
+def _peer_view(node: ServeNode) -> dict[str, Any]:
+    st = cstatus(node)
+    return {} if st is None else st
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(120)
+def test_two_node_primary_keeps_acknowledging_while_the_restarted_peer_resyncs() -> None:
+    """Issue 6: B (secondary) is stopped and fenced; A writes alone; B restarts Outdated and
+    resyncs a backlog throttled by ``replication.resync_rate``. A must keep sending ``250``
+    all along (B cannot be promoted while Outdated/Inconsistent), and everything acknowledged
+    must be on B afterwards: A is killed, B fences it, takes over and serves every message."""
+    seed = secrets.randbits(32)
+    print(f"\nseed {seed}")
+    rng = random.Random(seed)
+    tag = "tn" + secrets.token_hex(3)
+    switch = PowerSwitchProc(tag)
+    # The first two 4 MiB chunks of a resync go out at once; the third waits 4 MiB / rate.
+    c = Cluster(tag, switch=switch, replication={"resync_rate": "1400KiB"})
+    b_name = c._node_name(c.b)
+    try:
+        c.start()
+        c.b.stop()  # clean stop; A loses the link, fences B (already off) and writes alone
+        wait_for(
+            lambda: (
+                _peer_view(c.a).get("peer", {}).get("fence") == "fenced-off"
+                and _peer_view(c.a)["node"]["can_ack"]
+            ),
+            30,
+            "A writing alone with B fenced off",
+        )
+        # The backlog B must resync: ~9.6 MB, just over two chunks: ~3 s throttled.
+        sizes = [rng.randint(380_000, 420_000) for _ in range(24)]
+        backlog: list[str] = []
+        lock = threading.Lock()
+
+        def deliver(first: int) -> None:
+            for i in range(first, len(sizes), 3):
+                mid = f"{tag}-backlog-{i}@load.test"
+                if send(c.smtp["a"], mid, sizes[i]):
+                    with lock:
+                        backlog.append(mid)
+
+        workers = [threading.Thread(target=deliver, args=(k,)) for k in range(3)]
+        for w in workers:
+            w.start()
+        for w in workers:
+            w.join(60)
+        assert len(backlog) == len(sizes), f"A refused {len(sizes) - len(backlog)} message(s)"
+        print(f"backlog: {len(sizes)} messages, {sum(sizes) / 1e6:.1f} MB")
+        with AckProbe(c.smtp["a"], tag) as probe:
+            time.sleep(0.5)
+            t_start = time.monotonic()
+            c.b.start(wait_ports=False)
+            switch.register(b_name, c.b)
+            seen: set[str] = set()
+
+            def confirmed() -> bool:
+                st = _peer_view(c.a)
+                if not st:
+                    return False
+                seen.add(f"{st['peer']['disk']}/{st['decision']['reason']}")
+                return bool(
+                    st["peer"]["state"] == "alive" and st["replication"]["peer_confirms_writes"]
+                )
+
+            wait_for(confirmed, 60, "B resynced and confirming A's writes")
+            t_end = time.monotonic()
+            time.sleep(0.5)
+        resync = t_end - t_start
+        gap = probe.longest_gap(t_start, t_end)
+        during = [m for t, m in probe.acks if t_start < t < t_end]
+        failed = [t for t in probe.failures if t_start < t < t_end]
+        print(
+            f"B restart to confirming: {resync:.2f} s; 250s meanwhile: {len(during)}, "
+            f"failures: {len(failed)}; longest gap between 250s: {gap:.2f} s; A saw {seen}"
+        )
+        assert "peer-not-promotable" in c.a.log, "A never wrote on beside an Outdated peer"
+        assert resync > 2.0, "the resync was too quick to show anything"
+        assert not failed, f"{len(failed)} message(s) refused during the resync"
+        assert gap < min(1.5, resync / 2), f"A stopped acknowledging for {gap:.2f} s"
+        assert c.b.proc is not None and c.b.proc.poll() is None, "A fenced the live peer"
+        # Everything acknowledged is on B: A dies, B fences it and serves.
+        acked = backlog + [m for _, m in probe.acks]
+        c.a.kill()
+        wait_for(
+            lambda: (
+                _peer_view(c.b).get("node", {}).get("role") == "Primary"
+                and _peer_view(c.b)["node"]["can_ack"]
+            ),
+            30,
+            "B promoted after fencing A",
+        )
+        have = set(pop3_message_ids(c.pop3["b"]))
+        lost = [m for m in acked if m not in have]
+        assert not lost, f"{len(lost)} acknowledged message(s) missing on B: {lost[:5]}"
+    except BaseException:
+        for name, n in c.nodes.items():
+            print(f"=== log of {name}\n{n.log[-12000:]}")
+        print(f"=== switch\n{switch.log[-2000:]}")
+        raise
+    finally:
+        c.cleanup()
 
 
 def test_cluster_config_errors_name_the_key(tmp_path: Path) -> None:

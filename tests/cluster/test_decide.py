@@ -401,7 +401,13 @@ _snapshots = st.builds(
         st.sampled_from(list(FenceStatus)),
     ),
     witness=st.builds(WitnessView, st.booleans(), st.booleans(), st.sampled_from(list(Owner))),
-    repl=st.builds(ReplView, st.booleans(), st.booleans()),
+    repl=st.builds(
+        ReplView,
+        st.booleans(),
+        st.booleans(),
+        st.one_of(st.none(), st.sampled_from(list(DiskState))),
+        st.booleans(),
+    ),
     monitors=st.builds(Monitors, st.booleans(), st.booleans()),
     policy=st.builds(Policy, st.just(T), st.booleans(), st.booleans()),
     command=st.one_of(
@@ -428,10 +434,19 @@ def test_decide_is_total_and_safe(s: ClusterSnapshot) -> None:
         assert fenced or (s.peer.state is PeerState.ALIVE and s.peer.resources_stopped)
     if ack_allowed(s):
         assert s.me.role is Role.PRIMARY and s.me.resources is Resources.STARTED
+        not_promotable = (DiskState.OUTDATED, DiskState.INCONSISTENT)
         assert (
             s.me.lease_held
             or (s.repl.peer_confirms_writes and s.peer.state is PeerState.ALIVE)
             or (not s.witness.configured and s.peer.fence is FenceStatus.FENCED_OFF)
+            or (
+                not s.witness.configured
+                and s.repl.peer_uptodate_holds_released
+                and s.peer.state is PeerState.ALIVE
+                and s.peer.role is Role.SECONDARY
+                and s.peer.disk in not_promotable
+                and s.repl.peer_disk in (None, *not_promotable)
+            )
         )
 
 
@@ -451,3 +466,124 @@ def test_two_node_primary_never_shoots_a_live_resyncing_secondary() -> None:
     assert not ack_allowed(syncing)  # writes wait for the peer
     # once its heartbeats stop, it is lost: fence it
     assert decide(dead(syncing)).action is Action.FENCE_PEER
+
+
+# --- two-node: a live peer that cannot be promoted (docs/cluster.md) ---------------------------
+
+OUT, INC = DiskState.OUTDATED, DiskState.INCONSISTENT
+
+
+def resyncing(
+    hb_disk: DiskState | None,
+    link_disk: DiskState | None,
+    *,
+    covers: bool = True,
+    confirms: bool = False,
+) -> ClusterSnapshot:
+    """Two-node primary; the peer alive and Secondary with ``hb_disk`` in its heartbeats and
+    ``link_disk`` as the replication link reports it (None: no link)."""
+    s = peer(two_node(healthy_primary()), disk=hb_disk)
+    return dataclasses.replace(
+        s,
+        repl=ReplView(
+            connected=link_disk is not None,
+            peer_confirms_writes=confirms,
+            peer_disk=link_disk,
+            peer_uptodate_holds_released=covers,
+        ),
+    )
+
+
+@pytest.mark.parametrize(
+    ("hb_disk", "link_disk"),
+    [(OUT, None), (OUT, OUT), (OUT, INC), (INC, INC), (INC, None)],
+)
+def test_two_node_primary_acks_while_the_live_peer_cannot_be_promoted(
+    hb_disk: DiskState, link_disk: DiskState | None
+) -> None:
+    # restarted (Outdated), connecting, or a sync target (Inconsistent): never promoted
+    # automatically, UpToDate only by a resync from us that ends after our writes
+    s = resyncing(hb_disk, link_disk)
+    check(s, Action.STAY, "peer-not-promotable")
+    assert ack_allowed(s)
+
+
+@pytest.mark.parametrize(
+    ("hb_disk", "link_disk", "why"),
+    [
+        (UP, None, "its heartbeats say UpToDate"),
+        (OUT, UP, "stale heartbeats; the link already saw the resync end"),
+        (UP, INC, "the link's view is older than the heartbeats"),
+        (None, INC, "no heartbeat status"),
+        (DiskState.DISKLESS, None, "not one of the two non-promotable states"),
+        (OUT, DiskState.DISKLESS, "the link says Diskless"),
+    ],
+)
+def test_two_node_writes_wait_while_any_report_says_the_peer_could_be_uptodate(
+    hb_disk: DiskState | None, link_disk: DiskState | None, why: str
+) -> None:
+    s = resyncing(hb_disk, link_disk)
+    check(s, Action.STAY, "peer-not-in-sync")
+    assert not ack_allowed(s), why
+
+
+def test_two_node_relaxed_gate_needs_every_condition() -> None:
+    base = resyncing(OUT, INC)
+    assert ack_allowed(base)
+    # the replication layer does not guarantee that a resync ends after our writes
+    no_guarantee = resyncing(OUT, INC, covers=False)
+    check(no_guarantee, Action.STAY, "peer-not-in-sync")
+    assert not ack_allowed(no_guarantee)
+    # the peer says it is primary, or its role is unknown: not "provably not promotable"
+    for role in (Role.PRIMARY, None):
+        assert not ack_allowed(peer(base, role=role)), role
+    # not heard within deadtime: lost, fenced first (the old rule), never acked meanwhile
+    lost = dead(base, since=100.0)
+    check(lost, Action.FENCE_PEER, "peer-lost-fence")
+    assert not ack_allowed(lost)
+    assert ack_allowed(peer(lost, fence=FenceStatus.FENCED_OFF))
+    # still only with resources started, and not on a secondary
+    assert not ack_allowed(me(base, resources=Resources.STARTING))
+    assert not ack_allowed(me(base, stop_overdue=True))
+    assert not ack_allowed(me(base, role=Role.SECONDARY))
+    # with a witness the lease and the Outdated mark decide, as before
+    witness = dataclasses.replace(base, witness=WitnessView(True, True, Owner.ME), policy=Policy())
+    witness = me(witness, lease_held=True)
+    assert not ack_allowed(witness)  # lease held, but the peer not marked Outdated yet
+    check(witness, Action.OUTDATE_PEER, "peer-lost-outdate")
+    assert ack_allowed(peer(witness, outdated=True))
+
+
+def test_two_node_not_promotable_peer_lets_the_primary_run_its_other_rows() -> None:
+    base = resyncing(OUT, None)
+    check(me(base, resources=Resources.STOPPED), Action.START_RESOURCES, "start-resources")
+    check(me(base, resources=Resources.STARTING), Action.STAY, "starting")
+    check(me(base, standby=True), Action.DEMOTE, "standby")
+    check(
+        dataclasses.replace(base, monitors=Monitors(resource_failed=True)),
+        Action.STAY,
+        "resource-failed-no-takeover",
+    )
+
+
+def test_two_node_secondary_restart_and_resync_in_virtual_time() -> None:
+    """The issue-6 scenario, cycle by cycle: the fenced secondary reboots and resyncs while the
+    primary keeps acknowledging; the gate closes only between "the link saw the resync end"
+    and "the peer confirmed everything released before" (milliseconds), then it confirms."""
+    steps: list[tuple[str, ClusterSnapshot, str, bool]] = [
+        (
+            "fenced off, dead",
+            peer(dead(resyncing(OUT, None)), fence=FenceStatus.FENCED_OFF),
+            "primary-alone",
+            True,
+        ),
+        ("rebooted: alive, Outdated, no link", resyncing(OUT, None), "peer-not-promotable", True),
+        ("handshake: sync target", resyncing(OUT, INC), "peer-not-promotable", True),
+        ("heartbeats catch up", resyncing(INC, INC), "peer-not-promotable", True),
+        ("resync end durable on the peer", resyncing(INC, UP), "peer-not-in-sync", False),
+        ("confirms everything", resyncing(UP, UP, confirms=True), "primary", True),
+    ]
+    for i, (what, s, reason, acks) in enumerate(steps):
+        s = dataclasses.replace(s, now=100.0 + i * T.keepalive)
+        assert decide(s).reason == reason, what
+        assert ack_allowed(s) is acks, what

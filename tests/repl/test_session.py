@@ -492,3 +492,29 @@ def test_a_link_in_sync_counts_the_peer_as_holding_the_common_records() -> None:
     link2 = pair(va, log_of(20), vb, log_of(7))
     link2.start()
     assert link2.a.session.peer_durable == 20 and link2.b.log == link2.a.log
+
+
+def test_target_is_uptodate_only_once_it_holds_the_frames_appended_during_the_resync() -> None:
+    # A two-node primary acknowledges frames appended during a resync without the target while
+    # the target is Inconsistent (docs/cluster.md, "A live peer that cannot be promoted"):
+    # SYNC_DONE must come after them, so the target is never UpToDate without them.
+    va = view(A, (gen(1, 1, A),), 20, P)
+    vb = view(B, (gen(1, 1, A),), 5, SEC)
+    link = pair(va, log_of(20), vb, log_of(5))
+    a, b = link.a, link.b
+    a.answer_frames = False  # the log read is pending while the store appends
+    b.auto_durable = False
+    link.start()
+    (need,) = a.pending_need
+    a.pending_need.clear()
+    a.append_as_primary(10, 1)  # LSNs 21-30 go to the ring
+    a.session.send_frames(a.log[need.from_lsn - 1 : 20])  # the read ends at the durable LSN
+    link.pump()
+    assert b.log == a.log and len(b.log) == 30
+    assert a.of(S.PeerInSync) == [S.PeerInSync(31)]
+    b.session.frames_durable(20)  # the backlog read from the log is durable, the ring not yet
+    link.pump()
+    assert [b.session.disk, a.session.peer_disk] == [DiskState.INCONSISTENT] * 2
+    b.session.frames_durable(30)
+    link.pump()
+    assert [b.session.disk, a.session.peer_disk] == [DiskState.UP_TO_DATE] * 2

@@ -15,8 +15,9 @@ The rules, first match wins (docs/cluster.md has the full table):
 2. A pending command → its action, or ``REFUSE`` with the reason.
 3. As primary: demote on store error, on a both-primary conflict (older term yields), on a lost
    quorum (no lease and no peer confirming writes), on standby or failed listeners; with the
-   peer lost, outdate it at the witness (resource-only) or shoot it (two-node, STONITH); start
-   missing resources.
+   peer lost, outdate it at the witness (resource-only) or shoot it (two-node, STONITH); a
+   live two-node peer that does not confirm is never shot: writes wait while it could be
+   UpToDate and go on while it cannot (Outdated/Inconsistent); start missing resources.
 4. As secondary: stop stray resources; give back a lease it must not hold; stay while standby,
    not UpToDate, Outdated, the peer is primary (no automatic failback), waiting for all at first
    start (two-node) or within initdead; otherwise take over — from a live secondary peer that
@@ -31,10 +32,13 @@ Invariants (tested, with Hypothesis over a model of both nodes and the witness i
 
 * **One writer.** With a witness, a node acknowledges only while it holds the lease or while
   every acknowledgement also waits for the peer's confirmation (protocol B/C, connected, in
-  sync); without one, only while the peer confirms or was fenced off since it was lost.
+  sync); without one, only while the peer confirms, was fenced off since it was lost, or is
+  alive, Secondary and Outdated/Inconsistent by every report (:func:`peer_not_promotable`).
 * **Nothing acknowledged is lost by a failover.** A primary that lost its peer acknowledges
   alone only after the peer is marked Outdated at the witness (or fenced off, two-node), and an
-  Outdated node never gets the vote, so never promotes.
+  Outdated node never gets the vote, so never promotes. A two-node primary acknowledges
+  without a live peer's confirmation only while that peer cannot be promoted and can become
+  UpToDate only by a resync that ends after every write released here.
 * ``PROMOTE`` only if UpToDate, not Outdated, the lease held (witness mode) and the peer fenced
   or cleanly demoted/shut down.
 * Losing only the witness changes no role; automatic failback is off.
@@ -70,6 +74,7 @@ __all__ = [
     "WitnessView",
     "ack_allowed",
     "decide",
+    "peer_not_promotable",
 ]
 
 
@@ -193,8 +198,20 @@ class ReplView:
     #: The replication handshake is done (histories compared, resync decided).
     connected: bool = False
     #: Every acknowledgement waits for the peer's confirmation: protocol B/C, link established,
-    #: peer UpToDate and in sync.
+    #: peer in sync.
     peer_confirms_writes: bool = False
+    #: The peer's disk as the replication link last reported it (its STATE at the handshake,
+    #: Inconsistent when it became our sync target, UpToDate once it made the resync end
+    #: durable, Diskless); None without an established link.
+    peer_disk: DiskState | None = None
+    #: The replication layer guarantees that the peer is never UpToDate without every batch
+    #: released here: a sync target becomes UpToDate only once it durably holds every frame
+    #: this primary appended before its barrier began waiting for it (SYNC_DONE after the
+    #: frames appended during the resync), and from then on nothing is released without the
+    #: peer until it is fenced (``replication.fencing = resource-and-stonith``). Without it a
+    #: two-node primary never acknowledges an unconfirmed write to a live peer
+    #: (:func:`peer_not_promotable`).
+    peer_uptodate_holds_released: bool = False
 
 
 @dataclass(frozen=True)
@@ -260,7 +277,9 @@ REASONS: dict[str, str] = {
     "fence-retry": "fencing failed; retrying",
     "fence-failed": "fencing failed; not writing until the peer is fenced (retry pending)",
     "peer-not-in-sync": "two-node mode: the peer is alive but does not confirm writes yet "
-    "(connecting or resyncing); it is not fenced, writes wait",
+    "and could be UpToDate; it is not fenced, writes wait",
+    "peer-not-promotable": "two-node mode: the peer is alive, Secondary and Outdated or "
+    "Inconsistent (restarted, resyncing): it cannot be promoted, writes go on without it",
     "peer-lost-fence": "the peer is lost and writes are frozen: fence it (two-node mode)",
     "peer-lost-outdate": "the peer is lost: mark it Outdated at the witness before writing on",
     "peer-in-sync-clear": "the peer is in sync again: clear its Outdated mark",
@@ -323,6 +342,30 @@ def peer_can_take_over(s: ClusterSnapshot) -> bool:
     )
 
 
+#: Disk states that are never promoted automatically and leave only by a resync from us.
+_NOT_PROMOTABLE = (DiskState.OUTDATED, DiskState.INCONSISTENT)
+
+
+def peer_not_promotable(s: ClusterSnapshot) -> bool:
+    """Two-node mode: the peer is alive, Secondary, and every report of its disk says Outdated
+    or Inconsistent — its heartbeats and, with a link up, the replication link — so it cannot
+    be promoted without ``--force`` and becomes UpToDate only by a resync from this primary,
+    which (``ReplView.peer_uptodate_holds_released``) ends only once it holds every write
+    released here, after which nothing is released without it until it is fenced. A primary
+    may then acknowledge without its confirmation (DRBD's primary writing on while its peer
+    is Outdated or a SyncTarget). The safety argument, including stale views, is in
+    docs/cluster.md ("A live peer that cannot be promoted")."""
+    p = s.peer
+    return (
+        not _witness_mode(s)
+        and s.repl.peer_uptodate_holds_released
+        and p.state is PeerState.ALIVE
+        and p.role is Role.SECONDARY
+        and p.disk in _NOT_PROMOTABLE
+        and (s.repl.peer_disk is None or s.repl.peer_disk in _NOT_PROMOTABLE)
+    )
+
+
 def ack_allowed(s: ClusterSnapshot) -> bool:
     """The acknowledgement gate: may this node send ``250``/``OK`` (or send the final "." of an
     outbound attempt) now? Checked immediately before each, on a fresh snapshot."""
@@ -335,7 +378,7 @@ def ack_allowed(s: ClusterSnapshot) -> bool:
         return True  # each ack waits for the peer: it holds everything we acknowledge
     if _witness_mode(s):
         return me.lease_held and s.peer.outdated
-    return s.peer.fence is FenceStatus.FENCED_OFF
+    return s.peer.fence is FenceStatus.FENCED_OFF or peer_not_promotable(s)
 
 
 def _peer_fenced(s: ClusterSnapshot) -> bool:
@@ -423,10 +466,11 @@ def _primary(s: ClusterSnapshot) -> Decision:
             return _d(Action.OUTDATE_PEER, "peer-lost-outdate")
         if confirms and p.outdated and me.lease_held:
             return _d(Action.CLEAR_PEER_OUTDATED, "peer-in-sync-clear")
-    elif not confirms and p.fence is not FenceStatus.FENCED_OFF:
+    elif not confirms and p.fence is not FenceStatus.FENCED_OFF and not peer_not_promotable(s):
         if p.state is PeerState.ALIVE:
             # Heartbeats show the peer alive: it is connecting or resyncing, not lost. Never
-            # shoot a live secondary; writes wait (ack_allowed) until it confirms them.
+            # shoot a live secondary; it could be UpToDate without our unconfirmed writes, so
+            # writes wait (ack_allowed) until it confirms them.
             return _d(Action.STAY, "peer-not-in-sync")
         return _fence_step(s, delay=_my_fence_delay(s), first_reason="peer-lost-fence")
     if me.standby:
@@ -442,6 +486,8 @@ def _primary(s: ClusterSnapshot) -> Decision:
         return _d(Action.STAY, "starting")
     if not confirms and (p.outdated or p.fence is FenceStatus.FENCED_OFF):
         return _d(Action.STAY, "primary-alone")
+    if not confirms and peer_not_promotable(s):
+        return _d(Action.STAY, "peer-not-promotable", p.disk.value if p.disk else "")
     if _witness_mode(s) and not me.lease_held:
         return _d(Action.STAY, "primary-witness-lost")
     return _d(Action.STAY, "primary")

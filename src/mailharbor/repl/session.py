@@ -33,8 +33,10 @@ Streaming: the node that receives the log (the sync target, or the secondary whe
 sends RESYNC_REQUEST from its next LSN — resuming an interrupted resync is just that. The source
 answers from its log through :class:`NeedFrames` (window-, rate- and chunk-limited) and the
 adapter's :meth:`send_frames`; frames the primary appends meanwhile are kept in a bounded ring
-(:meth:`frames_appended`) and, once the log read reaches them, the source sends SYNC_DONE and
-goes live: every appended frame is sent as it is appended (pipelined, before the local fsync).
+(:meth:`frames_appended`) and, once the log read reaches them, the source sends them as the
+resync's last frames, then SYNC_DONE after them (the target becomes UpToDate only once it holds
+every frame appended before the primary's barrier began waiting for it), and goes live: every
+appended frame is sent as it is appended (pipelined, before the local fsync).
 The receiver emits :class:`IngestFrames`; it acks on receipt (protocol B) and on durability
 (:meth:`frames_durable`; all protocols, C's barrier waits for it). The sender emits
 :class:`Acked` with the LSN the barrier may release (B: received, C: durable).
@@ -1248,17 +1250,21 @@ class ReplSession:
         live frames (a primary), and the barrier may start waiting for the peer."""
         assert isinstance(last, int)
         live = self._cursor_end is None
+        if live and self.local.role is Role.PRIMARY and self._ring:
+            # The frames appended during the resync end it, *before* SYNC_DONE: the target
+            # becomes UpToDate only once it holds them. This primary may have released them
+            # (LOCAL barrier, the peer not in sync) and acknowledged them while the peer was
+            # Outdated/Inconsistent (docs/cluster.md, "A live peer that cannot be promoted").
+            frames = tuple(raw for _, raw in self._ring)
+            self._ring.clear()
+            self._ring_bytes = 0
+            self._send_data(last + 1, FramesPurpose.RESYNC, frames)
+            last = self._appended_last
         self._send(wire.SyncDone(last))
         self._sync_done_lsn = last
         self._cursor = None
         if live and self.local.role is Role.PRIMARY:
-            first = last + 1
-            if self._ring:
-                frames = tuple(raw for _, raw in self._ring)
-                self._ring.clear()
-                self._ring_bytes = 0
-                self._send_data(first, FramesPurpose.LIVE, frames)
-            self._events.append(PeerInSync(first))
+            self._events.append(PeerInSync(last + 1))
         self._check_peer_up_to_date()
         return Phase.ESTABLISHED
 

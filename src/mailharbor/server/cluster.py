@@ -102,7 +102,7 @@ from mailharbor.cluster.timing import Timing
 from mailharbor.cluster.witness import Kind, LeaseClient, LeaseEvent, WitnessError
 from mailharbor.repl.barrier import BarrierMode
 from mailharbor.repl.role import RoleError
-from mailharbor.repl.state import Role
+from mailharbor.repl.state import FencingPolicy, Role
 from mailharbor.server.listener import split_endpoint
 from mailharbor.server.repl import Replicator
 from mailharbor.server.witness import cluster_id
@@ -642,7 +642,20 @@ class ClusterManager:
             witness=WitnessView(
                 configured=not self.settings.two_node, reachable=reachable, owner=owner
             ),
-            repl=ReplView(connected=self.repl.peer_view is not None, peer_confirms_writes=confirms),
+            repl=ReplView(
+                connected=self.repl.peer_view is not None,
+                peer_confirms_writes=confirms,
+                peer_disk=self.repl.peer_disk if self.repl.peer_view is not None else None,
+                # A resync ends (SYNC_DONE) only after the frames appended during it, so a
+                # sync target is UpToDate only once it holds every frame released without it
+                # (repl/session.py). After the barrier began waiting for the peer, a lost link
+                # must freeze it until the peer is fenced: with dont-care / resource-only a
+                # peer UpToDate as of the last SYNC_DONE could miss batches released after a
+                # link loss while its reports still said Inconsistent.
+                peer_uptodate_holds_released=(
+                    self.repl.settings.fencing is FencingPolicy.RESOURCE_AND_STONITH
+                ),
+            ),
             monitors=Monitors(store_error=store_error),
             policy=self.policy,
             command=command,
