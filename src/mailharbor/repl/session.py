@@ -915,7 +915,8 @@ class ReplSession:
         self._last_sent = self._clock()
 
     def _violation(self, e: wire.WireError) -> None:
-        self._events.append(ProtocolViolation(e.reason, wire.REFUSE_TEXT[e.reason]))
+        text = wire.REFUSE_TEXT[e.reason]
+        self._events.append(ProtocolViolation(e.reason, f"{text}: {e}" if str(e) else text))
         self._close("protocol-violation", refuse=e.reason)
 
     def _close(self, reason: str, *, refuse: RefuseReason | None, detail: str = "") -> None:

@@ -1775,6 +1775,13 @@ class Replicator:
             await self._begin_generation()
         except Exception as e:
             log.error("replication: could not begin a new generation: %s", e)
+            return
+        # A link that came up while the generation waited to begin (the held writes drain
+        # only once the peer is Outdated or back) must carry the new history, and so the new
+        # term, before the first frame of the generation is shipped: the peer refuses a frame
+        # whose generation is newer than the sender's term. (No await since the generation
+        # began: nothing of it was shipped yet.)
+        self._announce()
 
     async def _begin_generation(self) -> int:
         """Begin a new generation of ours once nothing is pending (retrying under load)."""
