@@ -392,6 +392,52 @@ class Cluster:
 # --- load and the checker ---------------------------------------------------------------------
 
 
+@contextmanager
+def running_cluster(net: Net, tag: str, *, imap_port: int | None = None) -> Iterator[Cluster]:
+    """A started cluster on ``net`` (with ``imap_port``: IMAP on both nodes' LAN addresses);
+    its logs are printed when the block fails; the nodes are healed and cleaned up at the end."""
+    c = Cluster(net, tag)
+    try:
+        if imap_port is not None:
+            for name, n in c.nodes.items():
+                listen = [f"{LAN[name]}:{imap_port}"]
+                n.configure({"imap": {"listen": listen, "allow_plaintext_auth": True}})
+        c.start()
+        yield c
+    except BaseException:
+        print(c.dump())
+        raise
+    finally:
+        for name in ("n1", "n2"):
+            net.heal(name)
+        c.cleanup()
+
+
+class Probe(Proc):
+    """`client.py probe` from the host against n1: one SMTP session that sends a message up to
+    its final "." and waits for ``go`` (a file) to send the dot, plus an idle session (and an
+    idle IMAP session with ``imap``); its events (``ready``, ``dot``, ``idle``...) are JSON lines
+    in ``out``."""
+
+    def __init__(self, net: Net, cluster: Cluster, mid: str, *, imap: str | None = None) -> None:
+        self.mid = mid
+        self.out = cluster.base / "probe.jsonl"
+        self.go = cluster.base / "probe.go"
+        cmd = [sys.executable, str(CLIENT), "probe", "--target", f"{LAN['n1']}:{SMTP_PORT}"]
+        cmd += ["--mid", mid, "--out", str(self.out), "--go-file", str(self.go)]
+        if imap is not None:
+            cmd += ["--imap", imap]
+        super().__init__(net, "host", cmd, cluster.base / "probe.log")
+
+    def events(self) -> dict[str, dict[str, Any]]:
+        if not self.out.exists():
+            return {}
+        return {d["ev"]: d for d in map(json.loads, self.out.read_text().splitlines())}
+
+    def wait_ready(self) -> None:
+        wait_for(lambda: "ready" in self.events(), 15, lambda: f"probe ready: {self.log}")
+
+
 @dataclass(frozen=True, slots=True)
 class Ev:
     ev: str

@@ -32,6 +32,7 @@ from .rig import (
     Proc,
     final_check,
     rejoin,
+    running_cluster,
     runs_text,
     seed_for,
     sh,
@@ -54,21 +55,8 @@ def _tag(request: pytest.FixtureRequest) -> str:
 @pytest.fixture
 def cluster(net: Net, request: pytest.FixtureRequest) -> Iterator[Cluster]:
     """The rig's witness cluster, with IMAP listening on both nodes' LAN addresses."""
-    c = Cluster(net, _tag(request))
-    try:
-        for name, n in c.nodes.items():
-            n.configure(
-                {"imap": {"listen": [f"{LAN[name]}:{IMAP_PORT}"], "allow_plaintext_auth": True}}
-            )
-        c.start()
+    with running_cluster(net, _tag(request), imap_port=IMAP_PORT) as c:
         yield c
-    except BaseException:
-        print(c.dump())
-        raise
-    finally:
-        for name in ("n1", "n2"):
-            net.heal(name)
-        c.cleanup()
 
 
 class TwoNode:

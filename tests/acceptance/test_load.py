@@ -15,7 +15,6 @@ import random
 import secrets
 import signal
 import subprocess
-import sys
 import time
 from collections import Counter
 from collections.abc import Iterator
@@ -24,16 +23,15 @@ from typing import Any
 import pytest
 
 from .rig import (
-    CLIENT,
     LAN,
     MAILHARBOR,
-    SMTP_PORT,
     Cluster,
     Load,
     Net,
-    Proc,
+    Probe,
     final_check,
     rejoin,
+    running_cluster,
     seed_for,
     wait_for,
 )
@@ -46,21 +44,8 @@ IMAP_PORT = 1143
 @pytest.fixture
 def cluster(net: Net, request: pytest.FixtureRequest) -> Iterator[Cluster]:
     tag = "ld" + request.node.name.replace("_", "")[-10:] + secrets.token_hex(2)
-    c = Cluster(net, tag)
-    try:
-        for name, n in c.nodes.items():
-            n.configure(
-                {"imap": {"listen": [f"{LAN[name]}:{IMAP_PORT}"], "allow_plaintext_auth": True}}
-            )
-        c.start()
+    with running_cluster(net, tag, imap_port=IMAP_PORT) as c:
         yield c
-    except BaseException:
-        print(c.dump())
-        raise
-    finally:
-        for name in ("n1", "n2"):
-            net.heal(name)
-        c.cleanup()
 
 
 def _term(st: dict[str, Any] | None) -> int:
@@ -162,38 +147,12 @@ def test_switchover_under_load_drains_sessions(
     the new one) or gets a 4xx; an idle SMTP session gets 421, an idle IMAP session ``* BYE``;
     no SMTP session is cut without a reply."""
     n1, n2 = cluster.nodes["n1"], cluster.nodes["n2"]
-    probe_out, go = cluster.base / "probe.jsonl", cluster.base / "probe.go"
     probe_mid = f"swprobe-{secrets.token_hex(4)}@acc.test"
-    probe = Proc(
-        net,
-        "host",
-        [
-            sys.executable,
-            str(CLIENT),
-            "probe",
-            "--target",
-            f"{LAN['n1']}:{SMTP_PORT}",
-            "--mid",
-            probe_mid,
-            "--out",
-            str(probe_out),
-            "--go-file",
-            str(go),
-            "--imap",
-            f"{LAN['n1']}:{IMAP_PORT}",
-        ],
-        cluster.base / "probe.log",
-    )
-
-    def probe_events() -> dict[str, dict[str, Any]]:
-        if not probe_out.exists():
-            return {}
-        return {d["ev"]: d for d in map(json.loads, probe_out.read_text().splitlines())}
-
+    probe = Probe(net, cluster, probe_mid, imap=f"{LAN['n1']}:{IMAP_PORT}")
     probe.start()
     stopping_seen = False
     try:
-        wait_for(lambda: "ready" in probe_events(), 15, lambda: f"probe ready: {probe.log}")
+        probe.wait_ready()
         with Load(cluster, "switch", seed_for(mailharbor_seed, "switch")) as load:
             time.sleep(2)
             t_sw = time.monotonic()
@@ -213,8 +172,8 @@ def test_switchover_under_load_drains_sessions(
 
             # n1 drains: its listeners are closed and it waits for the probe's message.
             wait_for(draining, 20, "n1 draining")
-            go.touch()  # the probe's final "." arrives during the drain
-            wait_for(lambda: {"dot", "idle"} <= probe_events().keys(), 40, "probe replies")
+            probe.go.touch()  # the probe's final "." arrives during the drain
+            wait_for(lambda: {"dot", "idle"} <= probe.events().keys(), 40, "probe replies")
             wait_for(lambda: cluster.settled("n2", "n1"), 40, "n2 Primary, n1 Secondary")
             wait_for(lambda: bool(load.acks("n2")), 15, "a 250 from n2")
             switched = min(e.t for e in load.acks("n2")) - t_sw
@@ -223,7 +182,7 @@ def test_switchover_under_load_drains_sessions(
             time.sleep(1)
     finally:
         probe.kill()
-    ev = probe_events()
+    ev = probe.events()
     print(f"probe: '.' -> {ev['dot']}, idle -> {ev['idle']}, IMAP -> {ev['imap']}")
     assert stopping_seen, "n1 never showed its drain (resources stopping)"
     assert ev["idle"]["code"] == 421, f"the idle session got {ev['idle']}"

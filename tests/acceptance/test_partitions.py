@@ -12,26 +12,23 @@ Run one at a time (module-scoped network, one cluster per test).
 
 from __future__ import annotations
 
-import json
 import secrets
 import signal
 import subprocess
-import sys
 import time
 from collections.abc import Iterator
 
 import pytest
 
 from .rig import (
-    CLIENT,
     LAN,
-    SMTP_PORT,
     Cluster,
     Load,
     Net,
-    Proc,
+    Probe,
     final_check,
     rejoin,
+    running_cluster,
     runs_text,
     seed_for,
     wait_for,
@@ -41,19 +38,10 @@ pytestmark = pytest.mark.acceptance
 
 
 @pytest.fixture
-def cluster(net: Net, request: pytest.FixtureRequest, mailharbor_seed: int) -> Iterator[Cluster]:
+def cluster(net: Net, request: pytest.FixtureRequest) -> Iterator[Cluster]:
     tag = "acc" + request.node.name.replace("_", "")[-10:] + secrets.token_hex(2)
-    c = Cluster(net, tag)
-    try:
-        c.start()
+    with running_cluster(net, tag) as c:
         yield c
-    except BaseException:
-        print(c.dump())
-        raise
-    finally:
-        for name in ("n1", "n2"):
-            net.heal(name)
-        c.cleanup()
 
 
 def test_replication_link_cut_with_lan_up(net: Net, cluster: Cluster, mailharbor_seed: int) -> None:
@@ -104,53 +92,28 @@ def test_primary_paused_past_deadtime_then_resumed(
     net: Net, cluster: Cluster, mailharbor_seed: int
 ) -> None:
     n1, n2 = cluster.nodes["n1"], cluster.nodes["n2"]
-    probe_out = cluster.base / "probe.jsonl"
-    go = cluster.base / "probe.go"
-    probe_mid = f"probe-{secrets.token_hex(4)}@acc.test"
-    probe = Proc(
-        net,
-        "host",
-        [
-            sys.executable,
-            str(CLIENT),
-            "probe",
-            "--target",
-            f"{LAN['n1']}:{SMTP_PORT}",
-            "--mid",
-            probe_mid,
-            "--out",
-            str(probe_out),
-            "--go-file",
-            str(go),
-        ],
-        cluster.base / "probe.log",
-    )
+    probe = Probe(net, cluster, f"probe-{secrets.token_hex(4)}@acc.test")
     probe.start()
 
-    def probe_events() -> dict[str, dict[str, object]]:
-        if not probe_out.exists():
-            return {}
-        return {d["ev"]: d for d in map(json.loads, probe_out.read_text().splitlines())}
-
     try:
-        wait_for(lambda: "ready" in probe_events(), 15, lambda: f"probe ready: {probe.log}")
+        probe.wait_ready()
         with Load(cluster, "pause", seed_for(mailharbor_seed, "pause")) as load:
             time.sleep(2)
             n1.signal(signal.SIGSTOP)
-            go.touch()  # the probe sends its final "." into the stopped server
+            probe.go.touch()  # the probe sends its final "." into the stopped server
             wait_for(lambda: n2.role() == "Primary", 20, "n2 promoted")
             wait_for(lambda: bool(load.acks("n2")), 15, "a 250 from n2")
             t_n2 = min(e.t for e in load.acks("n2"))
             time.sleep(1)
             t_cont = time.monotonic()
             n1.signal(signal.SIGCONT)
-            wait_for(lambda: {"dot", "idle"} <= probe_events().keys(), 30, "probe replies")
+            wait_for(lambda: {"dot", "idle"} <= probe.events().keys(), 30, "probe replies")
             wait_for(lambda: n2.role() == "Primary", 20, "n2 primary after n1 resumed")
             time.sleep(2)
     finally:
         probe.kill()
         n1.signal(signal.SIGCONT) if n1.alive() else None
-    ev = probe_events()
+    ev = probe.events()
     print(f"probe after SIGCONT: '.' -> {ev['dot']}, idle session -> {ev['idle']}")
     late = [e for e in load.acks("n1") if e.t > t_n2]
     have = set(cluster.pop3_ids("n2"))
@@ -164,7 +127,7 @@ def test_primary_paused_past_deadtime_then_resumed(
     assert not decided_later, (
         f"n1 acknowledged after n2 took over: {decided_later[:3]} (resumed at {t_cont})"
     )
-    assert ev["dot"]["code"] != 250 or probe_mid in have, "n1 acked the probe; n2 lacks it"
+    assert ev["dot"]["code"] != 250 or probe.mid in have, "n1 acked the probe; n2 lacks it"
     # The transaction in flight gets a temporary failure (451/421), never a 250.
     code = ev["dot"]["code"]
     assert isinstance(code, int) and 400 <= code < 500, f"the in-flight session got {ev['dot']}"
