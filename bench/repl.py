@@ -68,8 +68,8 @@ class Plan:
     resync_bytes: int
 
 
-QUICK = Plan(quick=True, messages=500, warmup=100, rounds=2, resync_bytes=100 * MB)
-FULL = Plan(quick=False, messages=2000, warmup=200, rounds=2, resync_bytes=500 * MB)
+QUICK = Plan(quick=True, messages=500, warmup=100, rounds=3, resync_bytes=100 * MB)
+FULL = Plan(quick=False, messages=2000, warmup=200, rounds=3, resync_bytes=500 * MB)
 
 
 # --- nodes ------------------------------------------------------------------------------------
