@@ -1,5 +1,5 @@
 """The cluster under continuous SMTP load in the namespace rig (rig.py): no faults for 60 s,
-kill -9 of the primary, and a planned switchover.
+the witness killed, kill -9 of the primary, and a planned switchover.
 
 Each test: a fresh cluster (n1 first primary, n2 secondary, witness in the host namespace), the
 `load` client against both nodes' SMTP endpoints (the secondary refuses connections), then the
@@ -100,6 +100,39 @@ def test_no_faults_for_60s_at_full_load_changes_no_role(
     assert not fails, f"transactions refused on the primary under no faults: {fails[:5]}"
     assert {(e.named, e.term) for e in acks} == {("n1", term)}
     final_check(cluster, load, "n1", min_acked=CALM_SECONDS * 5)
+
+
+# --- the witness killed under load: no role change -------------------------------------------
+
+WITNESS_DOWN_SECONDS = 10
+
+
+def test_witness_killed_under_load_changes_no_role(cluster: Cluster, mailharbor_seed: int) -> None:
+    """Losing only the witness changes no role: the primary's lease lapses, but its peer still
+    confirms every write (each ack waits for it), so n1 keeps acknowledging and n2 never takes
+    over; the witness comes back and the cluster goes on under the same term."""
+    n1, n2 = cluster.nodes["n1"], cluster.nodes["n2"]
+    term = _term(n1.status())
+    wall0 = time.time()
+    with Load(cluster, "nowitness", seed_for(mailharbor_seed, "nowitness")) as load:
+        time.sleep(2)
+        t_kill = time.monotonic()
+        cluster.witness.kill()
+        time.sleep(WITNESS_DOWN_SECONDS)
+        s1, s2 = n1.status(), n2.status()
+        assert s1 is not None and s2 is not None
+        print(f"witness down: n1 {s1['decision']}, n2 {s2['decision']}")
+        assert s1["node"]["role"] == "Primary" and s1["node"]["can_ack"], s1["node"]
+        assert s2["node"]["role"] == "Secondary", s2["node"]
+        cluster.witness.start()
+        time.sleep(2)
+    changes = {n: _role_changes(x.status(), wall0) for n, x in (("n1", n1), ("n2", n2))}
+    assert changes == {"n1": [], "n2": []}, f"role changes without the witness: {changes}"
+    late = load.acks("n1", after=t_kill + 3)
+    assert late, "n1 stopped acknowledging when the witness died"
+    assert not load.acks("n2"), "n2 acknowledged"
+    assert {e.term for e in load.acks()} == {term}
+    final_check(cluster, load, "n1")
 
 
 # --- kill -9 of the primary under load -------------------------------------------------------
