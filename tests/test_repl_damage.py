@@ -22,22 +22,19 @@ import pytest
 from mailharbor.store import format as fmt
 from mailharbor.store.fsio import OsFileSystem
 from mailharbor.store.log import list_segments, scan_segment, segment_path
-from test_repl_nodes import Pair, in_sync, pop3_message_ids, send, status, wait_for
+from test_repl_nodes import Pair, in_sync, pop3_message_ids, print_logs, send, status, wait_for
 
 SEED = 7305
 
 
 @pytest.fixture
-def dpair(request: pytest.FixtureRequest) -> Iterator[Pair]:
+def dpair() -> Iterator[Pair]:
     # No checkpoint is written while running (the minimum is 1 MiB; the test writes less).
     p = Pair(f"dmg{secrets.token_hex(3)}", store={"checkpoint_every_bytes": "64MiB"})
     try:
         p.start()
         yield p
-        rep = getattr(request.node, "rep_call", None)
-        if rep is None or rep.failed:
-            for name, n in p.nodes.items():
-                print(f"=== log of {name}\n{n.log[-8000:]}")
+        print_logs(p.nodes)  # shown for a failed test
     finally:
         p.cleanup()
 

@@ -23,7 +23,7 @@ from collections.abc import Iterator
 import pytest
 
 from servenode import free_port
-from test_repl_nodes import USER, Pair, in_sync, message, status, wait_for
+from test_repl_nodes import USER, Pair, in_sync, message, print_logs, status, wait_for
 
 DELAY = 0.15  # seconds, each direction
 SEED = 4242
@@ -125,10 +125,7 @@ def delayed(request: pytest.FixtureRequest) -> Iterator[tuple[Pair, str]]:
         wait_for(lambda: in_sync(p.a, p.b), 30, "B in sync through the delayed link")
         assert to_b.connections + to_a.connections >= 1
         yield p, protocol
-        rep = getattr(request.node, "rep_call", None)
-        if rep is None or rep.failed:
-            for name, n in p.nodes.items():
-                print(f"=== log of {name}\n{n.log[-6000:]}")
+        print_logs(p.nodes, 6000)  # shown for a failed test
     finally:
         p.cleanup()
         to_b.close()

@@ -19,7 +19,16 @@ from typing import Any
 import pytest
 
 from servenode import ServeNode, free_port
-from test_repl_nodes import PASSWORD, USER, in_sync, pop3_message_ids, send, status, wait_for
+from test_repl_nodes import (
+    PASSWORD,
+    USER,
+    in_sync,
+    pop3_message_ids,
+    print_logs,
+    send,
+    status,
+    wait_for,
+)
 
 
 class FullSyncPair:
@@ -59,14 +68,11 @@ class FullSyncPair:
 
 
 @pytest.fixture
-def fpair(request: pytest.FixtureRequest) -> Iterator[FullSyncPair]:
+def fpair() -> Iterator[FullSyncPair]:
     p = FullSyncPair(secrets.token_hex(3))
     try:
         yield p
-        rep = getattr(request.node, "rep_call", None)
-        if rep is None or rep.failed:
-            for name, n in p.nodes.items():
-                print(f"=== log of {name}\n{n.log[-12000:]}")
+        print_logs(p.nodes, 12000)  # shown for a failed test
     finally:
         for n in p.nodes.values():
             n.cleanup()

@@ -97,6 +97,12 @@ class Pair:
             n.cleanup()
 
 
+def print_logs(nodes: dict[str, ServeNode], tail: int = 8000) -> None:
+    """Print the end of each node's log (pytest shows it only for a failed test)."""
+    for name, n in nodes.items():
+        print(f"=== log of {name}\n{n.log[-tail:]}")
+
+
 def status(node: ServeNode) -> dict[str, Any]:
     r = node.try_cli("repl", "status", "--json")
     assert r.returncode == 0, r.stderr
@@ -214,8 +220,7 @@ def pair(request: pytest.FixtureRequest) -> Iterator[Pair]:
         p.start()
         yield p
     finally:
-        for name, n in p.nodes.items():  # shown when the test fails
-            print(f"=== log of {name}\n{n.log[-8000:]}")
+        print_logs(p.nodes)
         p.cleanup()
 
 

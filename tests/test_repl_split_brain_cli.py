@@ -23,21 +23,27 @@ from pathlib import Path
 import pytest
 
 from mailharbor.store import read_quarantine
-from test_repl_nodes import Pair, in_sync, pop3_message_ids, refuses, send, status, wait_for
+from test_repl_nodes import (
+    Pair,
+    in_sync,
+    pop3_message_ids,
+    print_logs,
+    refuses,
+    send,
+    status,
+    wait_for,
+)
 
 SEED = 9091
 
 
 @pytest.fixture
-def sb_pair(request: pytest.FixtureRequest) -> Iterator[Pair]:
+def sb_pair() -> Iterator[Pair]:
     p = Pair(f"sbcli{secrets.token_hex(3)}", replication={"split_brain": "disconnect"})
     try:
         p.start()
         yield p
-        rep = getattr(request.node, "rep_call", None)
-        if rep is None or rep.failed:
-            for name, n in p.nodes.items():
-                print(f"=== log of {name}\n{n.log[-8000:]}")
+        print_logs(p.nodes)  # shown for a failed test
     finally:
         p.cleanup()
 

@@ -21,7 +21,7 @@ from pathlib import Path
 import pytest
 import trustme
 
-from test_repl_nodes import Pair, in_sync, send, status, wait_for
+from test_repl_nodes import Pair, in_sync, print_logs, send, status, wait_for
 
 NAMES = {"a": "node-a.repl.test", "b": "node-b.repl.test"}
 
@@ -65,15 +65,12 @@ class TlsPair:
 
 
 @pytest.fixture
-def tls_pair(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[TlsPair]:
+def tls_pair(tmp_path: Path) -> Iterator[TlsPair]:
     t = TlsPair(tmp_path)
     try:
         t.pair.start()
         yield t
-        rep = getattr(request.node, "rep_call", None)
-        if rep is None or rep.failed:
-            for name, n in t.pair.nodes.items():
-                print(f"=== log of {name}\n{n.log[-8000:]}")
+        print_logs(t.pair.nodes)  # shown for a failed test
     finally:
         t.pair.cleanup()
 

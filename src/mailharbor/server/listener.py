@@ -21,6 +21,7 @@ Invariants
 
 from __future__ import annotations
 
+import abc
 import asyncio
 import contextlib
 import logging
@@ -134,7 +135,7 @@ async def client_address(
     return header.source[0] if header.source is not None else peer
 
 
-class Listener:
+class Listener(abc.ABC):
     """One listening endpoint of one protocol; see the module docstring.
 
     A subclass sets ``log`` and ``label`` (for log lines), implements :meth:`_session` (run one
@@ -214,17 +215,19 @@ class Listener:
         assert self._stop is not None
         return self._stop
 
-    def _stopping(self, deadline: float) -> None:
+    def _stopping(self, deadline: float) -> None:  # noqa: B027 - optional hook, no-op default
         """Hook: the listener stops; sessions may finish their work until ``deadline`` (loop
         time). Sessions that only watch :attr:`stop_future` need nothing here."""
 
+    @abc.abstractmethod
     def _busy_reply(self) -> bytes:
-        raise NotImplementedError
+        """What a connection over the limits gets before it is closed (the protocol's words)."""
 
+    @abc.abstractmethod
     async def _session(
         self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, client: str, tls: bool
     ) -> None:
-        raise NotImplementedError
+        """Run one connection's protocol until it ends (TLS already set up when ``tls``)."""
 
     async def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         await run_tracked(self._tasks, self._serve(reader, writer), writer, self.log, self.label)
