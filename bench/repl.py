@@ -19,6 +19,7 @@ Human lines first; the last line of stdout is one JSON object.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import secrets
@@ -376,7 +377,7 @@ def run(plan: Plan, keep: bool) -> dict[str, Any]:
         primary.start(serves=True)
         secondary.start(serves=False)
         wait_sync(primary, secondary, 30)
-        for node in (alone, primary):  # warm-up: imports, caches
+        for node in (alone, primary) if plan.rounds else ():  # warm-up: imports, caches
             smtp_source(node.port, plan.warmup, MSG_LEN)
             latency_run(node.port, plan.warmup)
         for r in range(plan.rounds):
@@ -401,6 +402,10 @@ def run(plan: Plan, keep: bool) -> dict[str, Any]:
             log(f"# kept {rundir}")
         else:
             shutil.rmtree(rundir, ignore_errors=True)
+
+    if not plan.rounds:  # --resync-only: no targets judged
+        ratio = rs_res["resync_mb_per_s"] / rs_res["disk_seq_mb_per_s"]
+        return {"resync_only": True, "resync_ratio": round(ratio, 3), **rs_res}
 
     def med(name: str, key: str) -> float:
         return statistics.median(m[key] for m in results[name])
@@ -494,8 +499,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0] if __doc__ else None)
     p.add_argument("--quick", action="store_true", help="500 messages per run, 100 MB resync")
     p.add_argument("--keep", action="store_true", help="keep run/bench-repl-<pid>")
+    p.add_argument(
+        "--resync-only",
+        metavar="MB",
+        type=int,
+        help="only the resync part, after the peer missed MB megabytes (for profiling)",
+    )
     args = p.parse_args(argv)
-    result = run(QUICK if args.quick else FULL, args.keep)
+    plan = QUICK if args.quick else FULL
+    if args.resync_only is not None:
+        plan = dataclasses.replace(plan, rounds=0, warmup=0, resync_bytes=args.resync_only * MB)
+    result = run(plan, args.keep)
     print(json.dumps(result, separators=(",", ":")), flush=True)
     return 0
 

@@ -55,7 +55,7 @@ import os
 import random
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -174,6 +174,9 @@ class _ModelWritable:
 
     def write(self, data: bytes) -> None:
         self._fs._write(self._inode, self._path, self._fd, data)
+
+    def writev(self, chunks: Sequence[bytes]) -> None:
+        self.write(b"".join(chunks))
 
     def size(self) -> int:
         with self._fs._lock:
@@ -641,6 +644,9 @@ class _FaultyWritable:
                 self._f.write(data[: fault.keep])
             raise fault.exc(self._f.path)
         self._f.write(data)
+
+    def writev(self, chunks: Sequence[bytes]) -> None:
+        self.write(b"".join(chunks))  # one write: a fault may keep part of it, as for write
 
     def size(self) -> int:
         return self._f.size()

@@ -84,11 +84,12 @@ RULES: tuple[Rule, ...] = (
     ),
     Rule(
         f"{PACKAGE}.repl",
-        "repl/ is a sans-IO protocol (standard library, crc32c, repl/ only): sockets live in "
+        "repl/ is a sans-IO protocol (standard library, crc32c, cryptography's AES-GCM for the "
+        "message tags, repl/ only): sockets live in "
         "server/, time is injected, frames are opaque bytes (no store imports)",
         forbid=SANS_IO + _mh("server", "service", "proto", "store", "cli", "admin", "node"),
         stdlib_only=True,
-        allow=("crc32c", *_mh("repl")),
+        allow=("crc32c", "cryptography", *_mh("repl")),
     ),
     Rule(
         f"{PACKAGE}.cluster",

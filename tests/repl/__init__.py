@@ -158,7 +158,7 @@ class Link:
     def handle(self, n: FakeNode, ev: S.Event) -> None:
         s = n.session
         if isinstance(ev, S.SendBytes):
-            self.wire_log.append(("a" if n is self.a else "b", ev.data))
+            self.wire_log.append(("a" if n is self.a else "b", bytes(ev.data)))
             if self.up:
                 self.other(n).session.receive_data(ev.data)
             return

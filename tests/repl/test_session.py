@@ -54,7 +54,10 @@ def test_handshake_state_exchange_and_decision() -> None:
     [
         ({"secret": b"another secret"}, W.RefuseReason.AUTH),
         ({"settings_hash": b"s" * 32}, W.RefuseReason.SETTINGS),
-        ({"min_version": 3, "max_version": 3}, W.RefuseReason.VERSION),
+        (
+            {"min_version": W.MAX_VERSION + 1, "max_version": W.MAX_VERSION + 1},
+            W.RefuseReason.VERSION,
+        ),
         ({"expected_peer": b"Z" * 16}, W.RefuseReason.UNEXPECTED_PEER),
     ],
 )
@@ -402,11 +405,31 @@ def test_pings_keep_an_idle_link_alive() -> None:
     assert not lost(link.a) and not lost(link.b)
 
 
+def test_a_version_2_peer_links_with_hmac_tags_and_replicates() -> None:
+    """Rolling upgrade: a node that speaks up to version 2 and one that speaks 3 settle on 2
+    (HMAC-SHA256 tags); frames flow and are acknowledged as on a version 3 link."""
+    link = in_sync_pair()
+    assert all(n.session.version == W.MAX_VERSION for n in (link.a, link.b))
+    va = view(A, (gen(1, 1, A, 1, None),), 10, P)
+    vb = view(B, (gen(1, 1, A),), 10, SEC)
+    clock = FakeClock()
+    old = FakeNode(vb, log_of(10), config(B, max_version=2), clock)
+    link = Link(FakeNode(va, log_of(10), config(A), clock), old)
+    link.start()
+    for n, peer in ((link.a, B), (link.b, A)):
+        assert n.of(S.HandshakeDone) == [S.HandshakeDone(peer, 2)]
+    link.a.append_as_primary(1, 1)
+    link.pump()
+    assert link.b.log == link.a.log and len(link.b.log) == 11
+    tagged = [d for who, d in link.wire_log if who == "a" and d[6] & W.FLAG_MAC]
+    assert tagged and not [d for _, d in link.wire_log if d[6] & W.FLAG_GMAC]
+
+
 def test_a_forged_message_mid_session_drops_the_link() -> None:
     link = in_sync_pair()
     # An attacker without the key injects a well-formed (CRC-correct) FRAMES message.
     enc = W.MessageEncoder()
-    enc.set_key(b"k" * 32)
+    enc.set_key(b"k" * 32, W.MAX_VERSION)
     enc.seq = link.b.session._dec._seq
     link.b.session.receive_data(enc.encode(W.Frames(11, W.FramesPurpose.LIVE, (frame(11),)), 1))
     link.pump()

@@ -7,6 +7,7 @@ import hashlib
 import struct
 
 import pytest
+from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 from hypothesis import given
 from hypothesis import strategies as st
 
@@ -60,17 +61,25 @@ SAMPLES: list[W.Message] = [
 ]
 
 
-def stream(msgs: list[W.Message], key: bytes | None = None, term: int = 5) -> bytes:
+#: Link versions with each kind of message tag: HMAC-SHA256 (1, 2), GMAC (3 on).
+TAG_VERSIONS = pytest.mark.parametrize("version", [2, W.GMAC_VERSION], ids=["hmac", "gmac"])
+
+
+def stream(
+    msgs: list[W.Message], key: bytes | None = None, term: int = 5, version: int = W.MAX_VERSION
+) -> bytes:
     enc = W.MessageEncoder()
     if key:
-        enc.set_key(key)
+        enc.set_key(key, version)
     return b"".join(enc.encode(m, term) for m in msgs)
 
 
-def decode_all(data: bytes, key: bytes | None = None, chunks: int = 0) -> list[W.Received]:
+def decode_all(
+    data: bytes, key: bytes | None = None, chunks: int = 0, version: int = W.MAX_VERSION
+) -> list[W.Received]:
     dec = W.MessageDecoder(1 << 20)
     if key:
-        dec.set_key(key)
+        dec.set_key(key, version)
     out: list[W.Received] = []
     pieces = [data] if chunks <= 0 else [data[i : i + chunks] for i in range(0, len(data), chunks)]
     for p in pieces:
@@ -82,10 +91,14 @@ def decode_all(data: bytes, key: bytes | None = None, chunks: int = 0) -> list[W
     return out
 
 
-@pytest.mark.parametrize("key", [None, KEY], ids=["plain", "mac"])
+@pytest.mark.parametrize(
+    ("key", "version"), [(None, 3), (KEY, 2), (KEY, 3)], ids=["plain", "hmac", "gmac"]
+)
 @pytest.mark.parametrize("chunks", [0, 1, 7])
-def test_every_message_round_trips_whole_and_in_pieces(key: bytes | None, chunks: int) -> None:
-    got = decode_all(stream(SAMPLES, key), key, chunks)
+def test_every_message_round_trips_whole_and_in_pieces(
+    key: bytes | None, version: int, chunks: int
+) -> None:
+    got = decode_all(stream(SAMPLES, key, version=version), key, chunks, version)
     assert [r.message for r in got] == SAMPLES
     assert [r.seq for r in got] == list(range(len(SAMPLES)))
     assert {r.term for r in got} == {5}
@@ -101,10 +114,12 @@ def test_header_layout_is_36_bytes_and_versioned() -> None:
     assert data[:4] == b"MHRP" and data[4] == 1 and data[5] == W.MsgType.PING
 
 
-def one_error(data: bytes, key: bytes | None = None, max_size: int = 1 << 20) -> W.WireError:
+def one_error(
+    data: bytes, key: bytes | None = None, max_size: int = 1 << 20, version: int = W.MAX_VERSION
+) -> W.WireError:
     dec = W.MessageDecoder(max_size)
     if key:
-        dec.set_key(key)
+        dec.set_key(key, version)
     dec.receive_data(data)
     dec.receive_eof()
     with pytest.raises(W.WireError) as ei:
@@ -162,41 +177,74 @@ def test_malformed_body_with_right_crc_is_corrupt() -> None:
     head = W.HEADER.pack(b"MHRP", 1, W.MsgType.ACK, 0, len(body), 1, 0, W.crc32c(body), 0)[:-4]
     head += struct.pack("<I", W.crc32c(head))
     assert isinstance(one_error(head + body), W.CorruptMessage)
-    assert decode_all(good)[0].message == W.Ack(1, 1)
+    assert decode_all(bytes(good))[0].message == W.Ack(1, 1)
 
 
-def test_mac_missing_wrong_key_or_unexpected() -> None:
+@TAG_VERSIONS
+def test_mac_missing_wrong_key_or_unexpected(version: int) -> None:
     plain = stream([W.Ping(1)])
-    assert isinstance(one_error(plain, KEY), W.ForgedMessage)  # no MAC where one is required
-    other = stream([W.Ping(1)], hashlib.sha256(b"other").digest())
-    assert isinstance(one_error(other, KEY), W.ForgedMessage)  # another session's key
-    assert isinstance(one_error(stream([W.Ping(1)], KEY)), W.ForgedMessage)  # MAC unexpected
+    assert isinstance(one_error(plain, KEY, version=version), W.ForgedMessage)  # no MAC
+    other = stream([W.Ping(1)], hashlib.sha256(b"other").digest(), version=version)
+    assert isinstance(one_error(other, KEY, version=version), W.ForgedMessage)  # another key
+    tagged = stream([W.Ping(1)], KEY, version=version)
+    assert isinstance(one_error(tagged), W.ForgedMessage)  # MAC unexpected
 
 
-def test_forged_message_with_recomputed_crc_is_rejected() -> None:
+def test_a_tag_of_the_other_kind_is_forged() -> None:
+    """A version 3 link takes no HMAC-tagged message and a version 2 link no GMAC one, even
+    under the right key: the kind is fixed by the negotiated version, not by the sender."""
+    hmac_tagged, gmac_tagged = (stream([W.Ping(1)], KEY, version=v) for v in (2, 3))
+    assert isinstance(one_error(hmac_tagged, KEY, version=3), W.ForgedMessage)
+    assert isinstance(one_error(gmac_tagged, KEY, version=2), W.ForgedMessage)
+
+
+def test_gmac_tag_is_aes256_gcm_over_header_and_body_with_seq_nonce() -> None:
+    """The version 3 tag pinned with cryptography's other (streaming) GCM interface: AES-256-GCM,
+    no plaintext, header and body as associated data, nonce = seq (u64 LE) + 4 zero bytes."""
+    enc = W.MessageEncoder()
+    enc.set_key(KEY, W.GMAC_VERSION)
+    enc.encode(W.Ping(0), 1)
+    data = enc.encode(W.Ack(7, 5), 1)  # seq 1
+    msg, tag = data[: -W.GMAC_SIZE], data[-W.GMAC_SIZE :]
+    assert data[6] & W.FLAG_GMAC and len(msg) == W.HEADER_SIZE + len(W.Ack(7, 5).encode())
+    nonce = struct.pack("<Q", 1) + bytes(4)
+    gcm = Cipher(algorithms.AES(KEY), modes.GCM(nonce)).encryptor()
+    gcm.authenticate_additional_data(msg)
+    gcm.finalize()
+    assert tag == gcm.tag
+
+
+@TAG_VERSIONS
+def test_forged_message_with_recomputed_crc_is_rejected(version: int) -> None:
     """An attacker can fix the CRCs but not the MAC."""
-    data = bytearray(stream([W.Ack(1, 1)], KEY))
+    data = bytearray(stream([W.Ack(1, 1)], KEY, version=version))
     body = W.Ack(1000, 1000).encode()
     data[W.HEADER_SIZE : W.HEADER_SIZE + 16] = body
     data[28:32] = struct.pack("<I", W.crc32c(body))
     data[32:36] = struct.pack("<I", W.crc32c(bytes(data[:32])))
-    assert isinstance(one_error(bytes(data), KEY), W.ForgedMessage)
+    assert isinstance(one_error(bytes(data), KEY, version=version), W.ForgedMessage)
 
 
-def test_replayed_dropped_or_reordered_messages_are_out_of_sequence() -> None:
+@TAG_VERSIONS
+def test_replayed_dropped_or_reordered_messages_are_out_of_sequence(version: int) -> None:
     enc = W.MessageEncoder()
-    enc.set_key(KEY)
-    m0, m1, m2 = (enc.encode(W.Ping(i), 1) for i in range(3))
-    assert isinstance(one_error(m0 + m0, KEY), W.ReplayedMessage)  # replay
-    assert isinstance(one_error(m0 + m2, KEY), W.ReplayedMessage)  # dropped one
-    assert isinstance(one_error(m1, KEY), W.ReplayedMessage)  # reordered
-    assert [r.message for r in decode_all(m0 + m1 + m2, KEY)] == [W.Ping(0), W.Ping(1), W.Ping(2)]
+    enc.set_key(KEY, version)
+    m0, m1, m2 = (bytes(enc.encode(W.Ping(i), 1)) for i in range(3))
+
+    def err(data: bytes) -> W.WireError:
+        return one_error(data, KEY, version=version)
+
+    assert isinstance(err(m0 + m0), W.ReplayedMessage)  # replay
+    assert isinstance(err(m0 + m2), W.ReplayedMessage)  # dropped one
+    assert isinstance(err(m1), W.ReplayedMessage)  # reordered
+    got = decode_all(m0 + m1 + m2, KEY, version=version)
+    assert [r.message for r in got] == [W.Ping(0), W.Ping(1), W.Ping(2)]
 
 
 def test_a_term_going_down_is_stale() -> None:
     enc = W.MessageEncoder()
     data = enc.encode(W.Ping(1), 7) + enc.encode(W.Ping(2), 6)
-    err = one_error(data)
+    err = one_error(bytes(data))
     assert isinstance(err, W.StaleTerm) and err.reason is W.RefuseReason.STALE_TERM
 
 
@@ -284,7 +332,7 @@ def test_random_bytes_never_raise_anything_but_wire_errors(
 ) -> None:
     dec = W.MessageDecoder(256)
     if keyed:
-        dec.set_key(KEY)
+        dec.set_key(KEY, W.MAX_VERSION)
     _consume(dec, data, step)
     assert dec.buffered <= 256 + W.HEADER_SIZE + W.MAC_SIZE + 400
 
@@ -305,7 +353,7 @@ def test_mutated_valid_streams_are_decoded_or_refused(
         data[pos % len(data)] ^= xor
     dec = W.MessageDecoder(1 << 20)
     if key:
-        dec.set_key(key)
+        dec.set_key(key, W.MAX_VERSION)
     got: list[W.Message] = []
     try:
         for i in range(0, len(data), step):

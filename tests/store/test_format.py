@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import os
 import struct
 from pathlib import Path
 
@@ -535,3 +536,19 @@ def test_scan_of_a_truncated_last_frame_is_torn(tmp_path: Path) -> None:
     it, stops = scan_segment(OsFileSystem(), str(path), 1, fmt.SEGMENT_HEADER_SIZE, 1)
     assert [fr.raw for fr in it] == raws[:2]
     assert len(stops) == 1 and stops[0].torn and stops[0].expected_lsn == 3
+
+
+def test_writev_appends_every_chunk_in_order(tmp_path: Path) -> None:
+    """The log's batched write (more buffers than one writev call takes, empty ones among
+    them) leaves the same bytes as writing them joined, and counts them in size()."""
+    fs = OsFileSystem()
+    path = str(tmp_path / "seg")
+    chunks = [bytes([i % 251]) * (i % 7) for i in range(3000)] + [os.urandom(300_000)]
+    f = fs.open_append(path)
+    try:
+        f.write(b"head")
+        f.writev(chunks)
+        assert f.size() == 4 + sum(map(len, chunks))
+    finally:
+        f.close()
+    assert Path(path).read_bytes() == b"head" + b"".join(chunks)

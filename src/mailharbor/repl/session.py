@@ -158,7 +158,7 @@ class SessionUsageError(Exception):
 
 @dataclass(frozen=True, slots=True)
 class SendBytes:
-    data: bytes
+    data: bytes | bytearray
 
 
 @dataclass(frozen=True, slots=True)
@@ -640,7 +640,7 @@ class ReplSession:
         """The connection is up: send HELLO."""
         self._local(Local.START, None)
 
-    def receive_data(self, data: bytes) -> None:
+    def receive_data(self, data: bytes | bytearray) -> None:
         """Bytes from the peer. Never raises for any input."""
         if self.phase is Phase.CLOSED:
             return
@@ -972,8 +972,8 @@ class ReplSession:
         if not hmac.compare_digest(want, msg.mac):
             return self._refuse_handshake(RefuseReason.AUTH)
         s = self.config.secret
-        self._enc.set_key(wire.session_key(s, sender=mine, receiver=peer))
-        self._dec.set_key(wire.session_key(s, sender=peer, receiver=mine))
+        self._enc.set_key(wire.session_key(s, sender=mine, receiver=peer), self.version)
+        self._dec.set_key(wire.session_key(s, sender=peer, receiver=mine), self.version)
         self.peer_id = peer.node_id
         self._events.append(HandshakeDone(peer.node_id, self.version))
         self._sent_view = self.local

@@ -3,10 +3,11 @@
 Theory of operation
 -------------------
 A message is a fixed 36-byte header, a body of ``length`` bytes and, once the handshake has
-derived session keys, a 32-byte HMAC-SHA256 tag::
+derived session keys, a tag: 16 bytes of AES-256-GMAC on a version 3 link (flag GMAC), 32 bytes
+of HMAC-SHA256 on a version 1 or 2 link (flag MAC)::
 
     magic "MHRP" | version u8 | type u8 | flags u16 | length u32 | term u64 | seq u64
-    | body CRC32C u32 | header CRC32C u32   (then the body, then the tag when flags & MAC)
+    | body CRC32C u32 | header CRC32C u32   (then the body, then the tag when flags say so)
 
 All integers are little-endian. ``term`` is the sender's current term (the witness lease number;
 generations in store frames are terms too). ``seq`` counts the sender's messages on this link
@@ -19,9 +20,14 @@ settings). Each then sends AUTH, an HMAC-SHA256 under the pair's shared secret o
 *sender id, receiver id, sender nonce, receiver nonce*, both settings hashes and both version
 ranges. The verifier's own fresh nonce is inside the MAC, so a recorded AUTH cannot be replayed
 to it; ids are ordered sender-first, so an AUTH reflected back to its sender does not verify.
-After both AUTHs, every message in each direction carries an HMAC tag under a per-direction key
+After both AUTHs, every message in each direction carries a tag under a per-direction key
 derived from the secret and both nonces: frames cannot be forged, nor replayed from another
 session (another key) or within the session (``seq`` is in the MAC and must be the next one).
+The tag covers header and body. Version 3's is GMAC: AES-256-GCM with no plaintext, the
+message as associated data and ``seq`` (u64, then 4 zero bytes) as the nonce — each key (one
+session, one direction) never sees a nonce twice, which is GCM's one requirement. It is what
+TLS 1.3 uses, and here about four times cheaper than HMAC-SHA256 (AES-NI and carry-less
+multiply against SHA-NI), which matters for a resync's gigabytes.
 
 Invariants:
 
@@ -47,6 +53,8 @@ from dataclasses import dataclass
 from typing import ClassVar, TypeAlias, TypeVar
 
 import crc32c as _crc32c
+from cryptography.exceptions import InvalidTag
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 from .generations import NODE_ID_LEN, Generation, NodeView
 from .state import DISK_CODES, PROTOCOL_CODES, ROLE_CODES, Protocol
@@ -55,17 +63,22 @@ MAGIC = b"MHRP"
 #: Versions of the wire protocol this code speaks (negotiated at the handshake; the header's
 #: version byte is the layout of the header itself and is 1 for every protocol version so far).
 #: Version 2 adds SNAPSHOT_RESUME and SNAPSHOT_BEGIN (a full sync resumes where it stopped);
-#: a link negotiated at version 1 never carries them.
+#: a link negotiated at version 1 never carries them. Version 3 tags messages with GMAC instead
+#: of HMAC-SHA256 (same coverage, a quarter of the CPU).
 MIN_VERSION = 1
-MAX_VERSION = 2
+MAX_VERSION = 3
+GMAC_VERSION = 3
 HEADER_VERSION = 1
 
 HEADER = struct.Struct("<4sBBHIQQII")
 HEADER_SIZE = HEADER.size  # 36
-MAC_SIZE = 32
+MAC_SIZE = 32  # HMAC-SHA256: AUTH, and the message tag on version 1 and 2 links
+GMAC_SIZE = 16  # AES-256-GMAC: the message tag on version 3 links
 NONCE_SIZE = 32
 HASH_SIZE = 32
-FLAG_MAC = 0x0001
+FLAG_MAC = 0x0001  # an HMAC-SHA256 tag follows the body
+FLAG_GMAC = 0x0002  # a GMAC tag follows the body
+_TAG_FLAGS = FLAG_MAC | FLAG_GMAC
 DEFAULT_MAX_MESSAGE_SIZE = 72 * 1024 * 1024  # a store frame may carry a 64 MiB payload
 NONE64 = 0xFFFF_FFFF_FFFF_FFFF  # "no value" in u64 fields
 MAX_DETAIL = 256
@@ -865,31 +878,57 @@ def negotiate_version(a: Hello, b: Hello) -> int | None:
 # --- encoder / decoder ------------------------------------------------------------------------
 
 
+def _gmac_nonce(seq: int) -> bytes:
+    return _U64.pack(seq) + b"\0\0\0\0"
+
+
 class MessageEncoder:
-    """Encodes this side's messages: numbers them and, once a key is set, MACs them."""
+    """Encodes this side's messages: numbers them and, once a key is set, tags them (GMAC from
+    :data:`GMAC_VERSION` on, HMAC-SHA256 before)."""
 
     def __init__(self) -> None:
         self.seq = 0
         self._key: bytes | None = None
+        self._gcm: AESGCM | None = None
 
-    def set_key(self, key: bytes) -> None:
+    def set_key(self, key: bytes, version: int) -> None:
+        """Tag every later message under ``key`` (32 bytes), as link ``version`` says."""
         self._key = key
+        self._gcm = AESGCM(key) if version >= GMAC_VERSION else None
 
-    def encode(self, msg: Message, term: int) -> bytes:
+    def encode(self, msg: Message, term: int) -> bytes | bytearray:
         body = msg.encode()
-        flags = FLAG_MAC if self._key is not None else 0
-        head = bytearray(
-            HEADER.pack(
-                MAGIC, HEADER_VERSION, msg.TYPE, flags, len(body), term, self.seq, crc32c(body), 0
-            )
+        n = HEADER_SIZE + len(body)
+        if self._gcm is not None:
+            flags, tag_size = FLAG_GMAC, GMAC_SIZE
+        elif self._key is not None:
+            flags, tag_size = FLAG_MAC, MAC_SIZE
+        else:
+            flags, tag_size = 0, 0
+        # One buffer, written in place: the body is copied once, into it.
+        out = bytearray(n + tag_size)
+        HEADER.pack_into(
+            out,
+            0,
+            MAGIC,
+            HEADER_VERSION,
+            msg.TYPE,
+            flags,
+            len(body),
+            term,
+            self.seq,
+            crc32c(body),
+            0,
         )
-        _U32.pack_into(head, HEADER_SIZE - 4, crc32c(memoryview(head)[: HEADER_SIZE - 4]))
+        with memoryview(out) as view:
+            _U32.pack_into(out, HEADER_SIZE - 4, crc32c(view[: HEADER_SIZE - 4]))
+            view[HEADER_SIZE:n] = body
+            if self._gcm is not None:
+                view[n:] = self._gcm.encrypt(_gmac_nonce(self.seq), b"", view[:n])
+            elif self._key is not None:
+                view[n:] = hmac.new(self._key, view[:n], hashlib.sha256).digest()
         self.seq += 1
-        if self._key is None:
-            return b"".join((head, body))
-        mac = hmac.new(self._key, head, hashlib.sha256)
-        mac.update(body)  # no head + body copy: the body is copied once, into the result
-        return b"".join((head, body, mac.digest()))
+        return out
 
 
 class MessageDecoder:
@@ -915,6 +954,7 @@ class MessageDecoder:
         self._buf = bytearray()
         self._pos = 0  # start of the unconsumed bytes in _buf
         self._key: bytes | None = None
+        self._gcm: AESGCM | None = None
         self._seq = 0
         self._term = 0
         self._eof = False
@@ -929,11 +969,13 @@ class MessageDecoder:
     def buffered(self) -> int:
         return len(self._buf) - self._pos
 
-    def set_key(self, key: bytes) -> None:
-        """From the next message on, require a MAC under ``key``."""
+    def set_key(self, key: bytes, version: int) -> None:
+        """From the next message on, require a tag under ``key``, of the kind link ``version``
+        uses (GMAC from :data:`GMAC_VERSION` on, HMAC-SHA256 before)."""
         self._key = key
+        self._gcm = AESGCM(key) if version >= GMAC_VERSION else None
 
-    def receive_data(self, data: bytes) -> None:
+    def receive_data(self, data: bytes | bytearray) -> None:
         if self._eof or self._failed is not None:
             return
         if self._pos:
@@ -982,12 +1024,19 @@ class MessageDecoder:
             raise UnsupportedVersion("unknown header version")
         if length > self.max_message_size:
             raise MessageTooLarge("message too large")
-        if flags & ~FLAG_MAC:
+        if flags & ~_TAG_FLAGS:
             raise CorruptMessage("unknown flags")
-        has_mac = bool(flags & FLAG_MAC)
-        if has_mac != (self._key is not None):
-            raise ForgedMessage("MAC missing" if self._key is not None else "unexpected MAC")
-        total = HEADER_SIZE + length + (MAC_SIZE if has_mac else 0)
+        tag_flag = flags & _TAG_FLAGS
+        want_flag = 0 if self._key is None else FLAG_GMAC if self._gcm is not None else FLAG_MAC
+        if tag_flag != want_flag:
+            raise ForgedMessage(
+                "MAC missing or of the wrong kind" if want_flag else "unexpected MAC"
+            )
+        total = (
+            HEADER_SIZE
+            + length
+            + (GMAC_SIZE if tag_flag == FLAG_GMAC else MAC_SIZE if tag_flag else 0)
+        )
         if avail < total:
             if self._eof:
                 raise TruncatedMessage("stream ended inside a message")
@@ -998,7 +1047,12 @@ class MessageDecoder:
         try:
             if crc32c(body) != bcrc:
                 raise CorruptMessage("body checksum mismatch")
-            if self._key is not None:
+            if self._gcm is not None:
+                try:  # the tag is the whole "ciphertext" of an empty plaintext
+                    self._gcm.decrypt(_gmac_nonce(seq), view[end : pos + total], view[pos:end])
+                except InvalidTag:
+                    raise ForgedMessage("bad MAC") from None
+            elif self._key is not None:
                 tag = hmac.new(self._key, view[pos:end], hashlib.sha256).digest()
                 if not hmac.compare_digest(tag, view[end : pos + total]):
                     raise ForgedMessage("bad MAC")
@@ -1059,6 +1113,8 @@ def frames_size(frames: Sequence[bytes]) -> int:
 
 __all__ = [
     "DEFAULT_MAX_MESSAGE_SIZE",
+    "GMAC_SIZE",
+    "GMAC_VERSION",
     "HEADER_SIZE",
     "MAC_SIZE",
     "MAX_VERSION",

@@ -23,16 +23,22 @@ from __future__ import annotations
 
 import contextlib
 import os
+from collections.abc import Sequence
 from typing import Protocol
+
+_IOV_MAX = 1024  # os.writev takes at most this many buffers at once (Linux)
 
 
 class WritableFile(Protocol):
-    """An append-only file handle. `write` writes all bytes or raises; `sync` is fsync."""
+    """An append-only file handle. `write` writes all bytes or raises; `writev` writes all the
+    chunks, in order, as if joined (without joining them); `sync` is fsync."""
 
     @property
     def path(self) -> str: ...
 
     def write(self, data: bytes) -> None: ...
+
+    def writev(self, chunks: Sequence[bytes]) -> None: ...
 
     def size(self) -> int: ...
 
@@ -105,6 +111,21 @@ class _OsWritable:
             n = os.write(self._fd, view)
             self._size += n
             view = view[n:]
+
+    def writev(self, chunks: Sequence[bytes]) -> None:
+        todo: list[bytes | memoryview] = [c for c in chunks if c]
+        i = 0
+        while i < len(todo):
+            n = os.writev(self._fd, todo[i : i + _IOV_MAX])
+            self._size += n
+            while n:  # skip what was written; a chunk written in part goes on from there
+                left = len(todo[i])
+                if n >= left:
+                    n -= left
+                    i += 1
+                else:
+                    todo[i] = memoryview(todo[i])[n:]
+                    n = 0
 
     def size(self) -> int:
         return self._size
@@ -209,6 +230,9 @@ class _NoSyncWritable:
 
     def write(self, data: bytes) -> None:
         self._f.write(data)
+
+    def writev(self, chunks: Sequence[bytes]) -> None:
+        self._f.writev(chunks)
 
     def size(self) -> int:
         return self._f.size()

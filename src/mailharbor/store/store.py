@@ -1668,19 +1668,19 @@ class Store:
         if not self._batch:
             return
         assert self._active is not None
-        data = b"".join(self._batch)
-        self._batch.clear()
+        chunks, self._batch = self._batch, []
         if self._executor is None:
             self._executor = ThreadPoolExecutor(1, thread_name_prefix="mh-fsync")
         self._write_jobs = [j for j in self._write_jobs if not j.done()]
-        self._write_jobs.append(self._executor.submit(self._write_job, self._active, data))
+        self._write_jobs.append(self._executor.submit(self._write_job, self._active, chunks))
 
-    def _write_job(self, f: WritableFile, data: bytes) -> None:
-        """(worker thread) One queued write; an error is kept for the next sync to raise."""
+    def _write_job(self, f: WritableFile, chunks: list[bytes]) -> None:
+        """(worker thread) One queued write of the frames in order (one ``writev``, no joined
+        copy); an error is kept for the next sync to raise."""
         if self._write_error is not None:
             return  # the log is failing: nothing after the failed write may land
         try:
-            f.write(data)
+            f.writev(chunks)
         except OSError as e:
             self._write_error = e
 
