@@ -48,8 +48,9 @@ Invariants
   propagates (StoreError, e.g. StoreLocked; AdminSocketError).
 - :attr:`Node.state` only moves forward: STARTING → RUNNING → STOPPING → STOPPED.
 
-The CLI uses :func:`run_offline` when no node runs: it opens the store the same way and runs the
-admin handlers on it in-process, so direct and served commands behave the same.
+The store is opened by :func:`mailharbor.offline.open_store`, as the CLI's
+:func:`~mailharbor.offline.run_offline` opens it when no node runs (and runs the admin handlers
+on it in-process, so direct and served commands behave the same).
 """
 
 from __future__ import annotations
@@ -66,10 +67,11 @@ from enum import Enum
 
 from mailharbor import __version__
 from mailharbor.admin.client import AdminClient, AdminClientError, NodeNotRunning
-from mailharbor.admin.protocol import Request, RequestError, Response
-from mailharbor.admin.server import AdminContext, AdminServer, execute
+from mailharbor.admin.protocol import RequestError
+from mailharbor.admin.server import AdminContext, AdminServer
 from mailharbor.cluster.timing import Timing
 from mailharbor.config import Config, ConfigError
+from mailharbor.offline import open_store
 from mailharbor.repl.state import FencingPolicy, Protocol, Role, SplitBrainPolicy
 from mailharbor.server.cluster import ClusterManager, ClusterSettings, GatedBarrier
 from mailharbor.server.forward import Forwarder, ForwardOptions, Route, RouteKind
@@ -88,10 +90,10 @@ from mailharbor.service.auth import Authenticator
 from mailharbor.service.delivery import LocalDelivery
 from mailharbor.service.mailbox import MailboxService
 from mailharbor.service.queue import QueueRunner
-from mailharbor.store import Store, StoreLocked, StoreOptions
+from mailharbor.store import Store, StoreLocked
 from mailharbor.tls import server_context
 
-__all__ = ["Node", "NodeState", "run_node", "run_offline", "store_options"]
+__all__ = ["Node", "NodeState", "run_node"]
 
 log = logging.getLogger("mailharbor.node")
 
@@ -107,18 +109,6 @@ class NodeState(Enum):
     RUNNING = "running"
     STOPPING = "stopping"
     STOPPED = "stopped"
-
-
-def store_options(config: Config) -> StoreOptions:
-    """The store tunables of ``config``."""
-    s = config.store
-    return StoreOptions(
-        segment_bytes=s.segment_bytes,
-        cache_bytes=s.cache_bytes,
-        checkpoint_every_bytes=s.checkpoint_every_bytes,
-        chunk_bytes=s.chunk_bytes,
-        sync=s.sync,
-    )
 
 
 def repl_settings(config: Config) -> ReplSettings:
@@ -238,43 +228,6 @@ def proxy_routes(config: Config) -> list[Route]:
     return routes
 
 
-def open_store(config: Config) -> Store:
-    """Open the store of ``config`` (lock + recovery) and log the recovery report.
-
-    Must be called on the thread that will own the store. Raises StoreError (StoreLocked when
-    another process holds the data directory) and OSError.
-    """
-    data_dir = os.fspath(config.node.data_dir)
-    store = Store.open(
-        data_dir,
-        node_id=config.node.node_id,
-        options=store_options(config),
-        # Replicated: a damaged frame in the middle of the log is cut away (kept aside) and
-        # the range fetched from the peer (docs/replication.md); standalone: refused (fsck).
-        damaged_tail_dir=(
-            os.path.join(data_dir, "quarantine") if config.replication.enabled else None
-        ),
-    )
-    r = store.recovery
-    if r is not None:
-        # The store itself warns about a dropped torn tail and an unusable checkpoint.
-        notes = []
-        if r.torn_tail is not None:
-            notes.append(f"torn tail of {r.torn_tail.bytes_dropped} bytes dropped")
-        if r.checkpoint_rejected:
-            notes.append("a checkpoint was not usable")
-        log.info(
-            "store %s opened: checkpoint at LSN %d, %d frame(s) replayed, last LSN %d, %.3f s%s",
-            config.node.data_dir,
-            r.checkpoint_lsn,
-            r.replayed_frames,
-            r.last_lsn,
-            r.seconds,
-            f" ({'; '.join(notes)})" if notes else "",
-        )
-    return store
-
-
 class Node:
     """A node built from ``config``; see the module doc."""
 
@@ -374,8 +327,9 @@ class Node:
         log.info("node %s running", self.name)
 
     async def _open_store(self) -> Store:
-        """:func:`open_store`, retrying for up to :data:`LOCK_WAIT_SECONDS` while the data
-        directory is locked by a process that is not a running node (see the module doc)."""
+        """:func:`~mailharbor.offline.open_store`, retrying for up to :data:`LOCK_WAIT_SECONDS`
+        while the data directory is locked by a process that is not a running node (see the
+        module doc)."""
         deadline = time.monotonic() + LOCK_WAIT_SECONDS
         waiting = False
         while True:
@@ -712,28 +666,3 @@ def run_node(config: Config) -> None:
     """Run a node for ``config`` in this process until SIGTERM/SIGINT. Raises what
     :meth:`Node.start` raises."""
     asyncio.run(Node(config).run())
-
-
-def run_offline(config: Config, request: Request) -> Response:
-    """Run one admin request on the store of ``config`` opened in this process (no node runs).
-
-    Raises what opening the store raises (StoreLocked when the data directory is in use); every
-    other failure is in the returned Response.
-    """
-
-    async def go() -> Response:
-        store = open_store(config)
-        try:
-            ctx = AdminContext(
-                store=store,
-                node_name=config.node.name,
-                status=lambda: {"node": config.node.name, "state": "offline"},
-            )
-            response = await execute(ctx, request)
-            with contextlib.suppress(Exception):
-                await store.settle()
-            return response
-        finally:
-            store.close()
-
-    return asyncio.run(go())

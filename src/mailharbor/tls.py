@@ -23,13 +23,14 @@ import ipaddress
 import ssl
 from dataclasses import dataclass
 from pathlib import Path
-
-from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+from typing import TYPE_CHECKING
 
 from mailharbor.store.fsio import write_atomic
+
+# cryptography is imported by the functions that make or read a certificate (``mailharbor
+# init``): a serving node only needs server_context, which is the ssl module's.
+if TYPE_CHECKING:
+    from cryptography import x509
 
 __all__ = [
     "CERT_VALIDITY_DAYS",
@@ -63,6 +64,8 @@ def atomic_write(path: Path, data: bytes, *, mode: int) -> None:
 
 
 def _san_entry(name: str) -> x509.GeneralName:
+    from cryptography import x509
+
     try:
         return x509.IPAddress(ipaddress.ip_address(name))
     except ValueError:
@@ -80,6 +83,11 @@ def generate_self_signed(
     Returns ``(certificate_pem, private_key_pem)``; the key is unencrypted PKCS#8 PEM. ``now``
     (timezone-aware) fixes the clock for tests. Nothing is written to disk.
     """
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
     now = now or dt.datetime.now(dt.UTC)
     key = ec.generate_private_key(ec.SECP256R1())
     name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, hostname)])
@@ -122,6 +130,10 @@ def generate_self_signed(
 
 def certificate_info(cert_pem: bytes) -> CertificateInfo:
     """Describe the first certificate in ``cert_pem``. Raises ValueError if it is not one."""
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes
+    from cryptography.x509.oid import NameOID
+
     cert = x509.load_pem_x509_certificate(cert_pem)
     cns = cert.subject.get_attributes_for_oid(NameOID.COMMON_NAME)
     cn = cns[0].value if cns else None

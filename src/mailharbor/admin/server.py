@@ -53,8 +53,6 @@ from mailharbor.admin.protocol import (
     encode_response,
     one_line,
 )
-from mailharbor.repl.role import RoleError
-from mailharbor.service import queue as queue_service
 from mailharbor.service.auth import hash_password
 from mailharbor.store import (
     AlreadyExists,
@@ -73,6 +71,11 @@ __all__ = [
     "AdminSocketError",
     "execute",
 ]
+
+# mailharbor.repl.role and mailharbor.service.queue are imported by the handlers that use them:
+# a CLI command run offline (mailharbor.offline.run_offline) loads this module, and the replication
+# package and the queue's SMTP client and DNS resolver have nothing to do with it. (RoleError only
+# comes from ``ctx.repl``, whose replicator imported it.)
 
 log = logging.getLogger("mailharbor.admin")
 
@@ -188,6 +191,8 @@ def _repl(ctx: AdminContext) -> ReplControl:
 
 
 async def _repl_call(call: Awaitable[dict[str, object]]) -> object:
+    from mailharbor.repl.role import RoleError
+
     try:
         return await call
     except RoleError as e:
@@ -225,6 +230,8 @@ async def _repl_secondary(ctx: AdminContext, args: Mapping[str, object]) -> obje
 
 
 async def _repl_connect(ctx: AdminContext, args: Mapping[str, object]) -> object:
+    from mailharbor.repl.role import RoleError
+
     try:
         return _repl(ctx).connect()
     except RoleError as e:  # e.g. a Diskless node
@@ -406,29 +413,39 @@ async def _store_compact(ctx: AdminContext, args: Mapping[str, object]) -> objec
 
 
 async def _queue_list(ctx: AdminContext, args: Mapping[str, object]) -> object:
+    from mailharbor.service import queue as queue_service
+
     entries = sorted(ctx.store.index.queue.values(), key=lambda q: (q.created_ms, q.guid))
     return [queue_service.entry_view(q, ctx.store) for q in entries]
 
 
 async def _queue_show(ctx: AdminContext, args: Mapping[str, object]) -> object:
+    from mailharbor.service import queue as queue_service
+
     return queue_service.entry_view(
         queue_service.find_entry(ctx.store, _str(args, "id")), ctx.store
     )
 
 
 async def _queue_retry(ctx: AdminContext, args: Mapping[str, object]) -> object:
+    from mailharbor.service import queue as queue_service
+
     q = queue_service.find_entry(ctx.store, _str(args, "id"))
     n = await queue_service.retry_entries(ctx.store, [q], queue_service.SystemClock().now_ms())
     return {"id": q.guid.hex(), "rescheduled": n}
 
 
 async def _queue_delete(ctx: AdminContext, args: Mapping[str, object]) -> object:
+    from mailharbor.service import queue as queue_service
+
     q = queue_service.find_entry(ctx.store, _str(args, "id"))
     n = await queue_service.delete_entry(ctx.store, q)
     return {"id": q.guid.hex(), "recipients": n}
 
 
 async def _queue_flush(ctx: AdminContext, args: Mapping[str, object]) -> object:
+    from mailharbor.service import queue as queue_service
+
     entries = list(ctx.store.index.queue.values())
     n = await queue_service.retry_entries(ctx.store, entries, queue_service.SystemClock().now_ms())
     return {"rescheduled": n, "entries": len(entries)}

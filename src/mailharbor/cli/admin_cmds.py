@@ -6,7 +6,7 @@ Contract
   ``./mailharbor.toml``).
 - While a node runs (its admin socket answers), every command — reading or changing — is sent to
   it (DESIGN.md: one writer per data directory). When nothing answers, the command opens the
-  store itself, runs the very same handler (:func:`mailharbor.node.run_offline`) and closes it.
+  store itself, runs the very same handler (:func:`mailharbor.offline.run_offline`) and closes it.
   If the data directory is locked but its socket does not answer (a node starting or stopping,
   another command), the command says so and changes nothing.
 - ``store fsck`` needs exclusive access: it refuses while a node runs. ``store compact`` goes
@@ -31,16 +31,18 @@ from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Protocol
 
-from mailharbor.admin.client import AdminClient, AdminClientError, NodeNotRunning, make_request
-from mailharbor.admin.protocol import Request, RequestError, Response
 from mailharbor.cli import CliError
-from mailharbor.config import Config, load_config, parse_size
 
-# mailharbor.node and mailharbor.store are imported where needed: a command served by a running
-# node never loads the store code, which keeps every CLI call quick.
+# Everything else of mailharbor is imported where needed, which keeps every CLI call quick: the
+# parsers are built without loading the configuration or admin client code (``--help``, ``init``
+# and ``serve`` import this module too), and a command served by a running node never loads
+# mailharbor.node or the store.
 
 if TYPE_CHECKING:
+    from mailharbor.admin.client import AdminClient
+    from mailharbor.admin.protocol import Request, Response
     from mailharbor.cli.main import Subparsers
+    from mailharbor.config import Config
 
 __all__ = [
     "CONFIG_ENV",
@@ -92,17 +94,22 @@ def load_cli_config(args: argparse.Namespace) -> Config:
             f"no configuration: ./{DEFAULT_CONFIG} does not exist "
             f"(pass --config FILE or set {CONFIG_ENV})"
         )
+    from mailharbor.config import load_config
+
     return load_config(path)
 
 
 def _client(config: Config) -> AdminClient:
+    from mailharbor.admin.client import AdminClient
+
     return AdminClient(config.admin.socket)
 
 
 def _offline(config: Config, client: AdminClient, request: Request) -> Response:
     """Run ``request`` on the store opened here; while the data directory is locked, keep
     trying both ways for a moment (a node may be starting or just stopping)."""
-    from mailharbor.node import run_offline
+    from mailharbor.admin.client import NodeNotRunning
+    from mailharbor.offline import run_offline
     from mailharbor.store import StoreLocked
 
     deadline = time.monotonic() + LOCKED_RETRY_SECONDS
@@ -127,6 +134,9 @@ def _offline(config: Config, client: AdminClient, request: Request) -> Response:
 def perform(config: Config, cmd: str, args: Mapping[str, object] | None = None) -> object:
     """Run admin command ``cmd`` through the running node, or directly on the store when no
     node runs; return its result. Raises CliError with the one-line reason on failure."""
+    from mailharbor.admin.client import NodeNotRunning, make_request
+    from mailharbor.admin.protocol import RequestError
+
     try:
         request = make_request(cmd, args)
     except RequestError as e:
@@ -173,6 +183,9 @@ def _guard(func: Command) -> Command:
 
     @functools.wraps(func)
     def wrapper(args: argparse.Namespace) -> int:
+        from mailharbor.admin.client import AdminClientError
+        from mailharbor.admin.protocol import RequestError
+
         _cli_logging()
         try:
             status = func(args)
@@ -204,6 +217,8 @@ def parse_quota(text: str) -> int:
     t = text.strip().lower()
     if t in ("none", "unlimited"):
         return 0
+    from mailharbor.config import parse_size
+
     try:
         n = parse_size(text)
     except ValueError:
@@ -483,6 +498,8 @@ def run_fsck(data_dir: Path, *, node_id: bytes, repair: bool) -> FsckReportLike:
 
 @_guard
 def _store_fsck(args: argparse.Namespace) -> int:
+    from mailharbor.admin.client import AdminClientError, NodeNotRunning
+
     config = load_cli_config(args)
     client = _client(config)
     running = f"node {config.node.name} is running: stop it first, store fsck needs exclusive "
@@ -517,6 +534,8 @@ def _store_fsck(args: argparse.Namespace) -> int:
 
 @_guard
 def _status(args: argparse.Namespace) -> int:
+    from mailharbor.admin.client import NodeNotRunning
+
     config = load_cli_config(args)
     try:
         response = _client(config).call("status")

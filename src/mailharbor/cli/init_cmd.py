@@ -25,19 +25,14 @@ from pathlib import Path
 from typing import TYPE_CHECKING, TextIO
 
 from mailharbor.cli import EXIT_USAGE, CliError
-from mailharbor.config import (
-    Config,
-    ConfigError,
-    default_config_text,
-    load_config,
-    new_node_id,
-    validate_hostname,
-    validate_node_name,
-)
-from mailharbor.tls import CertificateInfo, atomic_write, write_self_signed
+
+# mailharbor.config and mailharbor.tls (cryptography, and the store for its atomic writes) are
+# imported where needed: this module is loaded to build the parser of every command.
 
 if TYPE_CHECKING:
     from mailharbor.cli.main import Subparsers
+    from mailharbor.config import Config
+    from mailharbor.tls import CertificateInfo
 
 __all__ = ["CONFIG_NAME", "InitResult", "init_node", "register"]
 
@@ -81,6 +76,8 @@ def register(subparsers: Subparsers) -> None:
 
 
 def _default_hostname() -> str:
+    from mailharbor.config import validate_hostname
+
     fqdn = socket.getfqdn()
     try:
         return validate_hostname(fqdn)
@@ -93,6 +90,8 @@ def _default_hostname() -> str:
 
 def _old_node_id(config_path: Path) -> bytes | None:
     """The node GUID of an existing config, if it can be read; else None."""
+    from mailharbor.config import ConfigError, load_config
+
     try:
         return load_config(config_path).node.node_id
     except ConfigError:
@@ -118,6 +117,16 @@ def init_node(
     lower-cased. Raises CliError (exit 2 for an invalid host or node name, 1 for an existing
     config without ``force``) and OSError.
     """
+    from mailharbor.config import (
+        ConfigError,
+        default_config_text,
+        load_config,
+        new_node_id,
+        validate_hostname,
+        validate_node_name,
+    )
+    from mailharbor.tls import atomic_write, write_self_signed
+
     if hostname is None:
         hostname = _default_hostname()
     else:

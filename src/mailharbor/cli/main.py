@@ -6,7 +6,9 @@ failure. Usage errors print one line on stderr and exit 2; :class:`~mailharbor.c
 the error's code (1 unless a CliError says otherwise); Ctrl-C exits 130.
 
 To add a subcommand, write ``mailharbor/cli/<name>_cmd.py`` with ``register(subparsers)`` (see
-:mod:`mailharbor.cli.init_cmd`) and append the module to ``COMMAND_MODULES``.
+:mod:`mailharbor.cli.init_cmd`) and append the module to ``COMMAND_MODULES``. Every command
+imports every subcommand module (to build the parser), so such a module imports the rest of
+mailharbor (config, admin client, store, TLS, node) inside the functions that use it.
 """
 
 from __future__ import annotations
@@ -29,8 +31,6 @@ from mailharbor.cli import (
     serve_cmd,
     witness_cmd,
 )
-from mailharbor.config import ConfigError
-from mailharbor.store.ops import StoreError
 
 __all__ = ["COMMAND_MODULES", "build_parser", "main"]
 
@@ -88,6 +88,13 @@ def _describe_oserror(e: OSError) -> str:
     return text
 
 
+def _is_loaded_error(e: BaseException, module: str, name: str) -> bool:
+    """True if ``e`` is an instance of ``module.name``, without importing ``module``: if it was
+    never imported, none of its exceptions can have been raised."""
+    loaded = sys.modules.get(module)
+    return loaded is not None and isinstance(e, getattr(loaded, name))
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the command line ``argv`` (default ``sys.argv[1:]``); return the exit status."""
     parser = build_parser()
@@ -98,18 +105,20 @@ def main(argv: Sequence[str] | None = None) -> int:
     except CliError as e:
         print(f"{PROG}: error: {e.message}", file=sys.stderr)
         return e.exit_code
-    except ConfigError as e:
-        print(f"{PROG}: error: {e}", file=sys.stderr)
-        return EXIT_FAILURE
-    except StoreError as e:
-        print(f"{PROG}: error: {e}", file=sys.stderr)
-        return EXIT_FAILURE
-    except OSError as e:
-        print(f"{PROG}: error: {_describe_oserror(e)}", file=sys.stderr)
-        return EXIT_FAILURE
     except KeyboardInterrupt:
         print(f"{PROG}: interrupted", file=sys.stderr)
         return 130
+    except Exception as e:
+        # ConfigError and StoreError (neither is an OSError), checked without importing them.
+        if _is_loaded_error(e, "mailharbor.config", "ConfigError") or _is_loaded_error(
+            e, "mailharbor.store.ops", "StoreError"
+        ):
+            print(f"{PROG}: error: {e}", file=sys.stderr)
+            return EXIT_FAILURE
+        if isinstance(e, OSError):
+            print(f"{PROG}: error: {_describe_oserror(e)}", file=sys.stderr)
+            return EXIT_FAILURE
+        raise
 
 
 if __name__ == "__main__":

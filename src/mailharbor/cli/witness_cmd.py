@@ -21,8 +21,6 @@ file and prints the pairs.
 from __future__ import annotations
 
 import argparse
-import asyncio
-import signal
 from typing import TYPE_CHECKING
 
 from mailharbor.cli import CliError
@@ -49,6 +47,10 @@ def register(subparsers: Subparsers) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    # Imported here: this module is loaded to build the parser of every command.
+    import asyncio
+    import signal
+
     from mailharbor.cli.serve_cmd import setup_logging
     from mailharbor.server.witness import load_witness_config, serve
 
