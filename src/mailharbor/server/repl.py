@@ -77,6 +77,7 @@ import random
 import shutil
 import ssl
 import time
+from collections import deque
 from collections.abc import Awaitable, Callable, Generator, Iterator, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Protocol
@@ -208,6 +209,10 @@ class ReplStore(Protocol):
     def read_frames(self, from_lsn: int, *, durable: bool = False) -> Iterator[bytes]: ...
 
     async def ingest(self, frames: Sequence[bytes]) -> int: ...
+
+    def ingest_nowait(self, frames: Sequence[bytes]) -> int: ...
+
+    async def flush_appended(self) -> None: ...
 
     async def settle(self) -> None: ...
 
@@ -947,33 +952,71 @@ class Replicator:
                 await asyncio.sleep(0.01)  # nothing moved: do not spin
 
     async def _ingest_loop(self, link: _Link) -> None:
-        """Write the peer's frames in order. After the link is lost it still writes what was
-        received (protocol B acknowledged it on receipt), then ends."""
+        """Write the peer's frames in order, pipelined: each batch received is verified and
+        appended at once (its write queued to the store's flusher thread) while the batches
+        before it are still being written and fsynced; every fsync that completes makes the
+        batches it covers durable (history noted, FRAMES_DURABLE). So the disk never waits for
+        the event loop nor the event loop for the disk. After the link is lost it still writes
+        what was received (protocol B acknowledged it on receipt), then ends."""
         s = link.session
-        while True:
-            if not link.ingest_q:
-                if s.phase is Phase.CLOSED or link.closed:
-                    return
+        unsynced: deque[tuple[int, list[bytes]]] = deque()  # appended, not yet durable
+        flush: asyncio.Task[None] | None = None
+        try:
+            while True:
+                while link.ingest_q:
+                    batch, link.ingest_q = link.ingest_q, []
+                    frames = [f for b in batch for f in b.frames]
+                    last = batch[-1].first_lsn + len(batch[-1].frames) - 1
+                    try:
+                        self.store.ingest_nowait(frames)
+                    except Exception as e:
+                        self._ingest_error(link, e)
+                        return
+                    unsynced.append((last, frames))
+                if flush is None and unsynced:
+                    target = unsynced[-1][0]
+                    flush = asyncio.ensure_future(self.store.flush_appended())
+                if flush is None:
+                    if s.phase is Phase.CLOSED or link.closed:
+                        return
+                    link.ingest_wake.clear()
+                    await link.ingest_wake.wait()
+                    continue
                 link.ingest_wake.clear()
-                await link.ingest_wake.wait()
-                continue
-            batch, link.ingest_q = link.ingest_q, []
-            frames = [f for b in batch for f in b.frames]
-            last = batch[-1].first_lsn + len(batch[-1].frames) - 1
-            try:
-                await self.store.ingest(frames)
-            except Exception as e:
-                if self._is_disk_error(e):
-                    self._detach(link, e)
+                wake = asyncio.ensure_future(link.ingest_wake.wait())
+                try:
+                    await asyncio.wait({flush, wake}, return_when=asyncio.FIRST_COMPLETED)
+                finally:
+                    wake.cancel()
+                if not flush.done():
+                    continue  # more frames arrived: append them while the flush goes on
+                try:
+                    flush.result()
+                except Exception as e:
+                    self._ingest_error(link, e)
                     return
-                log.error("replication: storing the peer's frames failed: %s", e)
-                s.ingest_failed()
+                finally:
+                    flush = None
+                durable: list[bytes] = []
+                while unsynced and unsynced[0][0] <= target:
+                    durable += unsynced.popleft()[1]
+                self._note_ingested(durable)
+                link.sync_bytes += wire.frames_size(durable)
+                s.frames_durable(target)
                 self._process(link)
-                return
-            self._note_ingested(frames)
-            link.sync_bytes += wire.frames_size(frames)
-            s.frames_durable(last)
-            self._process(link)
+        finally:
+            if flush is not None:  # leaving on an error: nobody waits for it any more
+                flush.cancel()
+
+    def _ingest_error(self, link: _Link, e: BaseException) -> None:
+        """Storing the peer's frames failed: a disk error detaches this node's disk (DRBD's
+        on-io-error=detach); frames the store refused drop the link (REFUSE(INGEST))."""
+        if self._is_disk_error(e):
+            self._detach(link, e)
+            return
+        log.error("replication: storing the peer's frames failed: %s", e)
+        link.session.ingest_failed()
+        self._process(link)
 
     def _note_ingested(self, frames: Sequence[bytes]) -> None:
         hist = self.history

@@ -2101,6 +2101,15 @@ class Store:
         await self.settle()
         return self.index.last_lsn
 
+    def ingest_nowait(self, frames: Sequence[bytes]) -> int:
+        """Verify and append a peer's frames as `ingest` does, without waiting: their write is
+        queued to the flusher's thread and :meth:`flush_appended` waits until they are durable
+        and applied. Returns the last LSN appended. Lets a secondary verify and append batch
+        N+1 while batch N is being written and fsynced."""
+        self._check_thread()
+        self._ingest_all(frames)
+        return self._next_lsn - 1
+
     def _ingest_all(self, frames: Sequence[bytes]) -> None:
         """Verify every frame first (CRCs, consecutive LSNs, generations not going back), then
         append them all: a bad frame refuses the whole batch, and nothing of it is appended.
