@@ -378,3 +378,45 @@ def test_whole_byte_by_byte_and_split_agree(msgs: list[W.Message], split: int) -
     whole = [r.message for r in decode_all(data, KEY)]
     assert whole == msgs
     assert [r.message for r in decode_all(data, KEY, split)] == msgs
+
+
+def _feed_by_buffer(dec: W.MessageDecoder, data: bytes, step: int) -> list[W.Message]:
+    """Feed as asyncio's BufferedProtocol does: receive into get_buffer, then buffer_updated."""
+    got: list[W.Message] = []
+    for i in range(0, len(data), step):
+        piece = data[i : i + step]
+        view = dec.get_buffer(len(piece))
+        view[: len(piece)] = piece
+        dec.buffer_updated(len(piece))
+        while (r := dec.next_message()) is not None:
+            got.append(r.message)
+    return got
+
+
+@given(msgs=st.lists(st.sampled_from(SAMPLES), max_size=8), step=st.integers(1, 300))
+def test_receiving_into_get_buffer_decodes_the_same(msgs: list[W.Message], step: int) -> None:
+    dec = W.MessageDecoder(1 << 20)
+    dec.set_key(KEY, W.MAX_VERSION)
+    assert _feed_by_buffer(dec, stream(msgs, KEY), step) == msgs
+    assert dec.buffered == 0
+
+
+def test_input_buffer_grows_for_a_big_message_and_shrinks_back() -> None:
+    """Messages bigger than the buffer make it grow (a new one: a view handed out before stays
+    valid); once it is empty after messages that made it grow past 16 MiB it shrinks back."""
+    big = W.Frames(1, W.FramesPurpose.RESYNC, (frame(1) + bytes(20 << 20),))
+    small = W.Ping(7)
+    enc, dec = W.MessageEncoder(), W.MessageDecoder(64 << 20)
+    first = dec.get_buffer()
+    data = enc.encode(big, 1) + enc.encode(small, 1)
+    assert _feed_by_buffer(dec, bytes(data), 256 * 1024) == [big, small]
+    first[:4] = b"MHRP"  # the first view is still writable memory (of the old buffer)
+    assert len(dec.get_buffer()) < 2 << 20
+    assert _feed_by_buffer(dec, bytes(enc.encode(small, 1)), 3) == [small]
+
+
+def test_buffer_updated_beyond_the_room_given_is_refused() -> None:
+    dec = W.MessageDecoder(1 << 20)
+    room = len(dec.get_buffer())
+    with pytest.raises(ValueError, match="room"):
+        dec.buffer_updated(room + 1)

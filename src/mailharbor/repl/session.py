@@ -648,6 +648,20 @@ class ReplSession:
         self._dec.receive_data(data)
         self._drain()
 
+    def get_buffer(self, sizehint: int = -1) -> memoryview:
+        """Where to receive the peer's next bytes without copying them (at least ``sizehint``
+        bytes of room); then :meth:`buffer_updated`. asyncio's BufferedProtocol."""
+        return self._dec.get_buffer(sizehint)
+
+    def buffer_updated(self, nbytes: int) -> None:
+        """``nbytes`` of the peer's bytes were received into :meth:`get_buffer`'s view. Never
+        raises for any input."""
+        if self.phase is Phase.CLOSED:
+            return
+        self._last_heard = self._clock()
+        self._dec.buffer_updated(nbytes)
+        self._drain()
+
     def receive_eof(self) -> None:
         if self.phase is Phase.CLOSED:
             return

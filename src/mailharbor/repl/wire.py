@@ -80,6 +80,11 @@ FLAG_MAC = 0x0001  # an HMAC-SHA256 tag follows the body
 FLAG_GMAC = 0x0002  # a GMAC tag follows the body
 _TAG_FLAGS = FLAG_MAC | FLAG_GMAC
 DEFAULT_MAX_MESSAGE_SIZE = 72 * 1024 * 1024  # a store frame may carry a 64 MiB payload
+#: The decoder's input buffer: its first (and usual) size, and the least room get_buffer gives.
+_BUF_START = 1 << 20
+RECV_ROOM = 256 * 1024
+#: A buffer grown past this (by a message above a resync chunk) shrinks back once it empties.
+_BUF_KEEP = 16 << 20
 NONE64 = 0xFFFF_FFFF_FFFF_FFFF  # "no value" in u64 fields
 MAX_DETAIL = 256
 MAX_HISTORY = 4096
@@ -939,20 +944,28 @@ class MessageDecoder:
     raises it again. ``receive_eof()`` then ``next_message()`` raises TruncatedMessage if the
     stream ended inside a message.
 
-    Copies: received bytes are appended to one ``bytearray``; a message is verified (CRCs, MAC)
-    and decoded through a ``memoryview`` of it in place, so its body is copied once more, into
-    the decoded fields (a FRAMES message's frames). Consumed bytes are skipped by an offset and
-    dropped when the next data arrives (only the unconsumed tail moves, and a byte moves at most
-    once), so the buffer never holds more than the unconsumed bytes plus one ``receive_data``.
-    No view of the buffer outlives ``next_message`` (the buffer must stay resizable).
+    The adapter feeds bytes either with ``receive_data(data)`` or, without a copy of its own,
+    by receiving straight into ``get_buffer(n)`` (at least ``n`` free bytes) and then calling
+    ``buffer_updated(nbytes)`` — asyncio's BufferedProtocol.
+
+    Copies: received bytes land in one ``bytearray`` that keeps its memory (allocating and
+    freeing megabytes per message cost page faults worth more than the copies); a message is
+    verified (CRCs, MAC) and decoded through a ``memoryview`` of it in place, so its body is
+    copied once more, into the decoded fields (a FRAMES message's frames). Consumed bytes are
+    skipped by an offset; when the free space at the end runs out, the unconsumed tail moves
+    to the front, into a new, larger buffer if it must grow. The buffer is never resized (a
+    view handed out by ``get_buffer`` may outlive the call): it is replaced. It holds at most
+    one message plus one receive, and goes back to its first size once it is empty after a
+    message that made it grow past 16 MiB.
     """
 
     def __init__(self, max_message_size: int = DEFAULT_MAX_MESSAGE_SIZE) -> None:
         if max_message_size < 64:
             raise ValueError("max_message_size too small")
         self.max_message_size = max_message_size
-        self._buf = bytearray()
+        self._buf = bytearray(_BUF_START)
         self._pos = 0  # start of the unconsumed bytes in _buf
+        self._end = 0  # end of the received bytes in _buf
         self._key: bytes | None = None
         self._gcm: AESGCM | None = None
         self._seq = 0
@@ -967,7 +980,7 @@ class MessageDecoder:
 
     @property
     def buffered(self) -> int:
-        return len(self._buf) - self._pos
+        return self._end - self._pos
 
     def set_key(self, key: bytes, version: int) -> None:
         """From the next message on, require a tag under ``key``, of the kind link ``version``
@@ -978,13 +991,50 @@ class MessageDecoder:
     def receive_data(self, data: bytes | bytearray) -> None:
         if self._eof or self._failed is not None:
             return
-        if self._pos:
-            if self._pos == len(self._buf):
-                self._buf.clear()
-            else:
-                del self._buf[: self._pos]
-            self._pos = 0
-        self._buf += data
+        n = len(data)
+        self._room(n)
+        end = self._end
+        self._buf[end : end + n] = data
+        self._end = end + n
+
+    def get_buffer(self, sizehint: int = -1) -> memoryview:
+        """A writable view of at least ``max(sizehint, RECV_ROOM)`` free bytes at the end of
+        the input; :meth:`buffer_updated` then says how many were written."""
+        self._room(max(sizehint, RECV_ROOM))
+        return memoryview(self._buf)[self._end :]
+
+    def buffer_updated(self, nbytes: int) -> None:
+        """``nbytes`` were written at the start of the last :meth:`get_buffer` view."""
+        if self._eof or self._failed is not None:
+            return
+        if not 0 <= nbytes <= len(self._buf) - self._end:
+            raise ValueError("more bytes than the buffer had room for")
+        self._end += nbytes
+
+    def _room(self, n: int) -> None:
+        """Make ``n`` bytes free after the received ones: move the unconsumed tail to the
+        front, in a new buffer when it and ``n`` do not fit (or to shrink back)."""
+        buf, pos, end = self._buf, self._pos, self._end
+        if pos == end:  # all consumed: start over at the front (nothing to move)
+            pos = end = self._pos = self._end = 0
+            if len(buf) > _BUF_KEEP and n <= _BUF_START:
+                self._buf = bytearray(_BUF_START)  # an unusually big message is over
+                return
+        if end + n <= len(buf):
+            return
+        live = end - pos
+        size = len(buf)
+        if live + n > size:
+            size = max(live + n, 2 * size)
+        if size != len(buf):
+            new = bytearray(size)
+            new[:live] = memoryview(buf)[pos:end]
+            self._buf = new
+        elif live <= pos:  # the tail to the front: they do not overlap, one copy
+            buf[:live] = memoryview(buf)[pos:end]
+        elif live:
+            buf[:live] = buf[pos:end]  # they overlap: through a copy
+        self._pos, self._end = 0, live
 
     def receive_eof(self) -> None:
         self._eof = True
@@ -996,13 +1046,13 @@ class MessageDecoder:
             return self._next()
         except WireError as e:
             self._failed = e
-            self._buf = bytearray()  # a fresh one: never resize a buffer a view might pin
-            self._pos = 0
+            self._buf = bytearray()  # drop the input
+            self._pos = self._end = 0
             raise
 
     def _next(self) -> Received | None:
         buf, pos = self._buf, self._pos
-        avail = len(buf) - pos
+        avail = self._end - pos
         if avail < HEADER_SIZE:
             if self._eof and avail:
                 raise TruncatedMessage("stream ended inside a header")

@@ -172,11 +172,8 @@ BACKOFF_MAX = 2.0
 CONNECT_TIMEOUT = 5.0
 #: Unauthenticated connections handled at once (each ends at the handshake timeout).
 MAX_PENDING_LINKS = 4
-READ_SIZE = 256 * 1024
-#: The link's StreamReader buffer limit: it stops reading from the socket past twice this.
-#: asyncio's 64 KiB default paused and resumed the socket (two epoll_ctl calls) at every
-#: 256 KiB read during a resync.
-STREAM_LIMIT = 8 * 1024 * 1024
+#: Bytes a link buffers before its session exists (nothing but a HELLO is expected then).
+EARLY_LIMIT = 64 * 1024
 META_VERSION = 1
 #: How long `repl verify` waits for the whole comparison.
 VERIFY_TIMEOUT = 600.0
@@ -385,13 +382,92 @@ class AsyncBarrier:
                 fut.set_exception(RuntimeError(f"replication: write not acknowledged: {o.reason}"))
 
 
+class _LinkIO(asyncio.BufferedProtocol):
+    """One peer connection's socket side. The transport receives straight into the session's
+    input buffer (``ReplSession.get_buffer``: one copy, the kernel's; a StreamReader copied
+    every byte twice more and allocated as it went, which a resync's gigabytes paid for).
+    Until a session is attached (the TLS handshake, the link being set up) up to
+    :data:`EARLY_LIMIT` bytes are kept and fed to it on attach; more drops the connection.
+
+    ``on_input(eof)`` runs after bytes reached the session (``eof``: the stream ended or the
+    connection was lost; the session has had its ``receive_eof``), once per receive."""
+
+    def __init__(self, on_connect: Callable[[_LinkIO], None] | None = None) -> None:
+        self.transport: asyncio.Transport | None = None
+        self._on_connect = on_connect
+        self._session: ReplSession | None = None
+        self._on_input: Callable[[bool], None] | None = None
+        self._early = bytearray()
+        self._scratch = bytearray(EARLY_LIMIT)
+        self._ended = False
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.Transport)
+        self.transport = transport
+        if self._on_connect is not None:
+            self._on_connect(self)
+
+    def get_buffer(self, sizehint: int) -> memoryview:
+        if self._session is not None:
+            return self._session.get_buffer(sizehint)
+        return memoryview(self._scratch)
+
+    def buffer_updated(self, nbytes: int) -> None:
+        s, cb = self._session, self._on_input
+        if s is None or cb is None:
+            self._early += memoryview(self._scratch)[:nbytes]
+            if len(self._early) > EARLY_LIMIT:
+                self.close()
+            return
+        s.buffer_updated(nbytes)
+        cb(False)
+
+    def eof_received(self) -> bool | None:
+        self._end()
+        return None  # the transport closes itself
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._end()
+
+    def _end(self) -> None:
+        if self._ended:
+            return
+        self._ended = True
+        s, cb = self._session, self._on_input
+        if s is not None and cb is not None:
+            s.receive_eof()
+            cb(True)
+
+    def attach(self, session: ReplSession, on_input: Callable[[bool], None]) -> None:
+        """From now on bytes go to ``session``; the ones that came early first."""
+        self._session, self._on_input = session, on_input
+        early, self._early = self._early, bytearray()
+        if early:
+            session.receive_data(early)
+            on_input(False)
+        if self._ended:
+            self._ended = False
+            self._end()
+
+    def write(self, data: bytes | bytearray) -> None:
+        t = self.transport
+        if t is not None and not t.is_closing():
+            t.write(data)
+
+    def close(self) -> None:
+        if self.transport is not None:
+            self.transport.close()
+
+    def get_extra_info(self, name: str) -> object:
+        return None if self.transport is None else self.transport.get_extra_info(name)
+
+
 @dataclass(eq=False)
 class _Link:
     """One TCP connection and its session."""
 
     session: ReplSession
-    reader: asyncio.StreamReader
-    writer: asyncio.StreamWriter
+    io: _LinkIO
     initiator: bool
     peer_addr: str
     peer_id: bytes | None = None
@@ -455,6 +531,7 @@ class Replicator:
         self._links: list[_Link] = []
         self._active: _Link | None = None
         self._server: asyncio.Server | None = None
+        self._accepting: set[asyncio.Task[None]] = set()
         self._connect_task: asyncio.Task[None] | None = None
         self._auto_task: asyncio.Task[None] | None = None
         self._gen_task: asyncio.Task[None] | None = None
@@ -501,7 +578,9 @@ class Replicator:
         self.store.barrier = self.barrier
         self.store.add_frame_listener(self._on_frame)
         host, port = split_endpoint(self.settings.listen)
-        self._server = await asyncio.start_server(self._accept, host, port, limit=STREAM_LIMIT)
+        self._server = await asyncio.get_running_loop().create_server(
+            lambda: _LinkIO(self._accepted), host, port
+        )
         log.info(
             "replication: %s listening on %s, peer %s, protocol %s, disk %s, fencing %s%s",
             self.settings.name,
@@ -780,32 +859,35 @@ class Replicator:
 
     # -- connections ---------------------------------------------------------------------------
 
-    async def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        peer = writer.get_extra_info("peername")
+    def _accepted(self, io: _LinkIO) -> None:
+        task = asyncio.get_running_loop().create_task(self._accept(io))
+        self._accepting.add(task)
+        task.add_done_callback(self._accepting.discard)
+
+    async def _accept(self, io: _LinkIO) -> None:
+        peer = io.get_extra_info("peername")
         addr = f"{peer[0]}:{peer[1]}" if isinstance(peer, tuple) else str(peer)
         pending = self._tls_pending + sum(1 for x in self._links if x.peer_id is None)
         if self._stopping or self.standalone or pending >= MAX_PENDING_LINKS:
-            writer.close()
+            io.close()
             return
         tls = ""
         if self._tls is not None:
             self._tls_pending += 1  # handshakes in progress count as pending links
             try:
-                got = await self._tls_upgrade(writer, addr, server_side=True)
+                got = await self._tls_upgrade(io, addr, server_side=True)
             finally:
                 self._tls_pending -= 1
             if got is None or self._stopping:
-                writer.close()
+                io.close()
                 return
             tls = got
         await self._ingest_drained()
-        link = self._new_link(reader, writer, initiator=False, addr=addr)
+        link = self._new_link(io, initiator=False, addr=addr)
         link.tls = tls
         await link.done.wait()
 
-    async def _tls_upgrade(
-        self, writer: asyncio.StreamWriter, addr: str, *, server_side: bool
-    ) -> str | None:
+    async def _tls_upgrade(self, io: _LinkIO, addr: str, *, server_side: bool) -> str | None:
         """TLS on a fresh peer connection (mutual: both certificates verified against the CA),
         then the peer's certificate name checked against ``tls_peer_name``. Returns the TLS
         version, or None when refused (logged; the socket is closed). The HMAC handshake
@@ -813,18 +895,26 @@ class Replicator:
         assert self._tls is not None
         ctx = self._tls[0] if server_side else self._tls[1]
         want = self.settings.tls_peer_name
+        assert io.transport is not None
         try:
-            await writer.start_tls(
+            transport = await asyncio.get_running_loop().start_tls(
+                io.transport,
+                io,
                 ctx,
+                server_side=server_side,
                 server_hostname=None if server_side else (want or None),
                 ssl_handshake_timeout=CONNECT_TIMEOUT,
             )
         except (ssl.SSLError, OSError, TimeoutError, ValueError) as e:
             reason = getattr(e, "reason", None) or type(e).__name__
             log.warning("replication: TLS with %s refused: %s", addr, reason)
-            writer.close()
+            io.close()
             return None
-        names = certificate_names(writer.get_extra_info("peercert"))
+        if transport is None:  # the connection went away during the handshake
+            io.close()
+            return None
+        io.transport = transport
+        names = certificate_names(io.get_extra_info("peercert"))
         if want and want.casefold() not in (n.casefold() for n in names):
             log.warning(
                 "replication: TLS with %s refused: its certificate names %s, not %s",
@@ -832,9 +922,9 @@ class Replicator:
                 ", ".join(names) or "nothing",
                 want,
             )
-            writer.close()
+            io.close()
             return None
-        obj = writer.get_extra_info("ssl_object")
+        obj = io.get_extra_info("ssl_object")
         version = obj.version() if isinstance(obj, ssl.SSLObject) else None
         return version or "TLS"
 
@@ -849,8 +939,10 @@ class Replicator:
                     await asyncio.wait_for(self._connect_wake.wait(), 1.0)
                 continue
             try:
-                reader, writer = await asyncio.wait_for(
-                    asyncio.open_connection(host or "127.0.0.1", port, limit=STREAM_LIMIT),
+                _, io = await asyncio.wait_for(
+                    asyncio.get_running_loop().create_connection(
+                        _LinkIO, host or "127.0.0.1", port
+                    ),
                     CONNECT_TIMEOUT,
                 )
             except (OSError, TimeoutError) as e:
@@ -864,7 +956,7 @@ class Replicator:
                 continue
             tls = ""
             if self._tls is not None:
-                got = await self._tls_upgrade(writer, self.settings.peer, server_side=False)
+                got = await self._tls_upgrade(io, self.settings.peer, server_side=False)
                 if got is None:
                     self._connect_wake.clear()
                     with contextlib.suppress(TimeoutError):
@@ -875,7 +967,7 @@ class Replicator:
                     continue
                 tls = got
             await self._ingest_drained()
-            link = self._new_link(reader, writer, initiator=True, addr=self.settings.peer)
+            link = self._new_link(io, initiator=True, addr=self.settings.peer)
             link.tls = tls
             self._outbound = link
             try:
@@ -893,47 +985,26 @@ class Replicator:
             else:
                 backoff = BACKOFF_MIN
 
-    def _new_link(
-        self,
-        reader: asyncio.StreamReader,
-        writer: asyncio.StreamWriter,
-        *,
-        initiator: bool,
-        addr: str,
-    ) -> _Link:
+    def _new_link(self, io: _LinkIO, *, initiator: bool, addr: str) -> _Link:
         self._ship_appended()  # the new session's view includes them
         session = ReplSession(
             self._session_config(), self.view(), self.clock, nonce=os.urandom(wire.NONCE_SIZE)
         )
-        link = _Link(session, reader, writer, initiator, addr)
+        link = _Link(session, io, initiator, addr)
         self._links.append(link)
         loop = asyncio.get_running_loop()
         link.ingest_task = loop.create_task(self._ingest_loop(link))
-        link.tasks = [
-            loop.create_task(self._read_loop(link)),
-            loop.create_task(self._timer_loop(link)),
-        ]
+        link.tasks = [loop.create_task(self._timer_loop(link))]
         session.start()
         self._process(link)
+        io.attach(session, lambda eof: self._on_input(link, eof))
         return link
 
-    async def _read_loop(self, link: _Link) -> None:
-        s = link.session
-        try:
-            while s.phase is not Phase.CLOSED:
-                try:
-                    data = await link.reader.read(READ_SIZE)
-                except (OSError, ConnectionError):
-                    data = b""
-                if not data:
-                    s.receive_eof()
-                    self._process(link)
-                    break
-                s.receive_data(data)
-                self._process(link)
-        finally:
-            if not link.closed:
-                self._close_link(link, "connection closed")
+    def _on_input(self, link: _Link, eof: bool) -> None:
+        """The peer's bytes (or the end of its stream) reached the session."""
+        self._process(link)
+        if eof and not link.closed:
+            self._close_link(link, "connection closed")
 
     async def _timer_loop(self, link: _Link) -> None:
         s = link.session
@@ -1056,7 +1127,7 @@ class Replicator:
             self._keep_snapshot(link.session.snapshot_id, link.snap_export)
             link.snap_export = None
         with contextlib.suppress(Exception):
-            link.writer.close()
+            link.io.close()
         link.wake.set()
         link.ingest_wake.set()
         current = asyncio.current_task()
@@ -1140,7 +1211,7 @@ class Replicator:
         if isinstance(ev, SendBytes):
             if not link.closed:
                 with contextlib.suppress(Exception):
-                    link.writer.write(ev.data)
+                    link.io.write(ev.data)
         elif isinstance(ev, HandshakeDone):
             self._on_handshake(link, ev)
         elif isinstance(ev, PeerStateReceived):

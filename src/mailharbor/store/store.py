@@ -674,7 +674,7 @@ class Transaction:
 class _Pending:
     lsn: int
     header: fmt.FrameHeader
-    payload: bytes
+    payload: bytes | memoryview  # an ingested frame's: a view of the frame (no copy)
     segno: int
     payload_off: int
     blobs: tuple[bytes, ...]
@@ -1537,7 +1537,7 @@ class Store:
         self,
         frame: bytes,
         hdr: fmt.FrameHeader,
-        payload: bytes,
+        payload: bytes | memoryview,
         blobs: tuple[bytes, ...],
         records: Sequence[fmt.Record] | None = None,
         nlsns: int = 1,
@@ -2121,7 +2121,7 @@ class Store:
         last_gen = self._last_txn_gen
         for raw in frames:
             hdr = fmt.decode_frame_header(raw)
-            payload = bytes(raw[fmt.FRAME_HEADER_SIZE :])
+            payload = memoryview(raw)[fmt.FRAME_HEADER_SIZE :]
             if len(payload) != hdr.payload_len or fmt.crc32c(payload) != hdr.payload_crc:
                 raise fmt.FormatError(f"ingested frame LSN {hdr.lsn}: payload is corrupt")
             if hdr.lsn != lsn:
@@ -2141,7 +2141,7 @@ class Store:
                     )
                 last_gen = hdr.generation
                 blobs = tuple(
-                    payload[o : o + 32]
+                    bytes(payload[o : o + 32])
                     for t, o, _ in fmt.iter_record_spans(payload)
                     if t == fmt.RecordType.BLOB
                 )
