@@ -137,7 +137,7 @@ class SessionConfig:
     ack_timeout: float = 6.0
     ping_interval: float = 2.0
     ping_timeout: float = 4.0
-    resync_chunk_bytes: int = 4 * 1024 * 1024
+    resync_chunk_bytes: int = 1 * 1024 * 1024
     resync_window_bytes: int = 16 * 1024 * 1024
     resync_rate: int | None = None
     resync_poll: float = 0.05

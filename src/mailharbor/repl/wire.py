@@ -998,10 +998,30 @@ class MessageDecoder:
         self._end = end + n
 
     def get_buffer(self, sizehint: int = -1) -> memoryview:
-        """A writable view of at least ``max(sizehint, RECV_ROOM)`` free bytes at the end of
-        the input; :meth:`buffer_updated` then says how many were written."""
+        """A writable view of free bytes at the end of the input; :meth:`buffer_updated` then
+        says how many were written. At least ``max(sizehint, RECV_ROOM)`` bytes — except in
+        the middle of a big message (:data:`RECV_ROOM` or more still to come), where the view
+        ends where the message does: the next message then starts at the front of an empty
+        buffer, and no partial message is ever moved."""
+        rest = self._rest_of_message()
+        if rest >= RECV_ROOM:
+            self._room(rest)
+            return memoryview(self._buf)[self._end : self._end + rest]
         self._room(max(sizehint, RECV_ROOM))
         return memoryview(self._buf)[self._end :]
+
+    def _rest_of_message(self) -> int:
+        """Bytes still to come of the message whose header is at the front of the input (0:
+        no whole header yet, or a header the decoder will refuse)."""
+        pos, end = self._pos, self._end
+        if end - pos < HEADER_SIZE or self._failed is not None:
+            return 0
+        length: int = _U32.unpack_from(self._buf, pos + 8)[0]
+        flags = self._buf[pos + 6]
+        if length > self.max_message_size:
+            return 0
+        tag = GMAC_SIZE if flags & FLAG_GMAC else MAC_SIZE if flags & FLAG_MAC else 0
+        return max(0, HEADER_SIZE + length + tag - (end - pos))
 
     def buffer_updated(self, nbytes: int) -> None:
         """``nbytes`` were written at the start of the last :meth:`get_buffer` view."""

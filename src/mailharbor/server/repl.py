@@ -390,7 +390,9 @@ class _LinkIO(asyncio.BufferedProtocol):
     :data:`EARLY_LIMIT` bytes are kept and fed to it on attach; more drops the connection.
 
     ``on_input(eof)`` runs after bytes reached the session (``eof``: the stream ended or the
-    connection was lost; the session has had its ``receive_eof``), once per receive."""
+    connection was lost; the session has had its ``receive_eof``), once per receive.
+    ``paused`` is asyncio's write flow control (the transport buffers more than its high-water
+    mark); ``on_writable`` runs when it resumes."""
 
     def __init__(self, on_connect: Callable[[_LinkIO], None] | None = None) -> None:
         self.transport: asyncio.Transport | None = None
@@ -400,6 +402,8 @@ class _LinkIO(asyncio.BufferedProtocol):
         self._early = bytearray()
         self._scratch = bytearray(EARLY_LIMIT)
         self._ended = False
+        self.paused = False
+        self.on_writable: Callable[[], None] | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         assert isinstance(transport, asyncio.Transport)
@@ -425,6 +429,14 @@ class _LinkIO(asyncio.BufferedProtocol):
     def eof_received(self) -> bool | None:
         self._end()
         return None  # the transport closes itself
+
+    def pause_writing(self) -> None:
+        self.paused = True
+
+    def resume_writing(self) -> None:
+        self.paused = False
+        if self.on_writable is not None:
+            self.on_writable()
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._end()
@@ -489,6 +501,9 @@ class _Link:
     frame_iter: Iterator[bytes] | None = None
     frame_iter_next: int = 0
     tls: str = ""  # the TLS version of the connection ("" without TLS)
+    # A NeedFrames held while the socket's write buffer is full: served when it drains (the
+    # frames then go to the socket, not to a growing copy in asyncio's write buffer).
+    need_later: NeedFrames | None = None
 
 
 def _close_iter(it: Iterator[bytes] | None) -> None:
@@ -998,7 +1013,24 @@ class Replicator:
         session.start()
         self._process(link)
         io.attach(session, lambda eof: self._on_input(link, eof))
+        io.on_writable = lambda: self._on_writable(link)
         return link
+
+    def _on_writable(self, link: _Link) -> None:
+        """The socket took what asyncio buffered: serve a held NeedFrames."""
+        ev, link.need_later = link.need_later, None
+        if ev is None or link.closed:
+            return
+        if link.processing:  # resumed from inside a write of ours: after it
+            asyncio.get_running_loop().call_soon(self._serve_need, link, ev)
+        else:
+            self._serve_need(link, ev)
+
+    def _serve_need(self, link: _Link, ev: NeedFrames) -> None:
+        if link.closed or link.session.phase is Phase.CLOSED:
+            return
+        link.session.send_frames(self._read_frames(link, ev.from_lsn, ev.max_bytes))
+        self._process(link)
 
     def _on_input(self, link: _Link, eof: bool) -> None:
         """The peer's bytes (or the end of its stream) reached the session."""
@@ -1229,7 +1261,10 @@ class Replicator:
         elif isinstance(ev, CutTail):
             self._cut_tail(link, ev.after_lsn)
         elif isinstance(ev, NeedFrames):
-            s.send_frames(self._read_frames(link, ev.from_lsn, ev.max_bytes))
+            if link.io.paused:
+                link.need_later = ev  # _on_writable serves it
+            else:
+                s.send_frames(self._read_frames(link, ev.from_lsn, ev.max_bytes))
         elif isinstance(ev, IngestFrames):
             if link.sync_started is None:
                 link.sync_started = self.clock()
