@@ -1034,6 +1034,8 @@ class Replicator:
 
     def _on_input(self, link: _Link, eof: bool) -> None:
         """The peer's bytes (or the end of its stream) reached the session."""
+        if link.closed:
+            return  # the transport's last callbacks after we dropped the link
         self._process(link)
         if eof and not link.closed:
             self._close_link(link, "connection closed")
