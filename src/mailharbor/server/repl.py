@@ -213,7 +213,7 @@ class ReplStore(Protocol):
 
     def ingest_nowait(self, frames: Sequence[bytes]) -> int: ...
 
-    async def flush_appended(self) -> None: ...
+    def flushed_future(self) -> asyncio.Future[None]: ...
 
     async def settle(self) -> None: ...
 
@@ -1070,7 +1070,7 @@ class Replicator:
         what was received (protocol B acknowledged it on receipt), then ends."""
         s = link.session
         unsynced: deque[tuple[int, list[bytes]]] = deque()  # appended, not yet durable
-        flush: asyncio.Task[None] | None = None
+        flush: asyncio.Future[None] | None = None
         try:
             while True:
                 while link.ingest_q:
@@ -1085,21 +1085,19 @@ class Replicator:
                     unsynced.append((last, frames))
                 if flush is None and unsynced:
                     target = unsynced[-1][0]
-                    flush = asyncio.ensure_future(self.store.flush_appended())
-                if flush is None:
-                    if s.phase is Phase.CLOSED or link.closed:
+                    try:
+                        flush = self.store.flushed_future()
+                    except Exception as e:
+                        self._ingest_error(link, e)
                         return
+                    flush.add_done_callback(lambda _: link.ingest_wake.set())
+                if flush is None and (s.phase is Phase.CLOSED or link.closed):
+                    return
+                if flush is None or not flush.done():
+                    # More frames (appended while the flush goes on) or the flush's end.
                     link.ingest_wake.clear()
                     await link.ingest_wake.wait()
                     continue
-                link.ingest_wake.clear()
-                wake = asyncio.ensure_future(link.ingest_wake.wait())
-                try:
-                    await asyncio.wait({flush, wake}, return_when=asyncio.FIRST_COMPLETED)
-                finally:
-                    wake.cancel()
-                if not flush.done():
-                    continue  # more frames arrived: append them while the flush goes on
                 try:
                     flush.result()
                 except Exception as e:

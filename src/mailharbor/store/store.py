@@ -131,6 +131,9 @@ from mailharbor.store.ops import (
     new_guid,
 )
 
+#: Ingested batches up to this size are written on the loop thread (see Store._queue_writes).
+INLINE_WRITE_BYTES = 256 * 1024
+
 log = logging.getLogger("mailharbor.store")
 
 LOG_DIR = "log"
@@ -1663,15 +1666,22 @@ class Store:
     def _queue_writes(self) -> None:
         """Hand ``_batch`` (frames appended with ``defer``, all to the active segment) to the
         flusher's worker thread: written there in order, before any fsync submitted later, so
-        the event loop does not wait for the disk (a resync's ingest). Called before control
-        returns to the loop, so a flush that takes the file sees its bytes queued first."""
+        the event loop does not wait for the disk (a resync's ingest). A batch of at most
+        :data:`INLINE_WRITE_BYTES` with no write queued before it is written at once instead
+        (a write error is kept for the next sync alike). Called before control returns to the
+        loop, so a flush that takes the file sees its bytes written or queued first."""
         if not self._batch:
             return
         assert self._active is not None
         chunks, self._batch = self._batch, []
+        self._write_jobs = [j for j in self._write_jobs if not j.done()]
+        if not self._write_jobs and sum(map(len, chunks)) <= INLINE_WRITE_BYTES:
+            # A small batch (live replication) is written here: a write of a few KiB costs
+            # less than handing it to the thread. Nothing is queued, so the order holds.
+            self._write_job(self._active, chunks)
+            return
         if self._executor is None:
             self._executor = ThreadPoolExecutor(1, thread_name_prefix="mh-fsync")
-        self._write_jobs = [j for j in self._write_jobs if not j.done()]
         self._write_jobs.append(self._executor.submit(self._write_job, self._active, chunks))
 
     def _write_job(self, f: WritableFile, chunks: list[bytes]) -> None:
@@ -1787,15 +1797,22 @@ class Store:
         """Wait until the frames appended so far (e.g. a blob writer's chunks) are durable and
         applied, which also drops their payloads from memory. Unlike :meth:`settle` it does not
         wait for frames appended later, so it cannot starve under a steady stream of commits."""
+        await self.flushed_future()
+
+    def flushed_future(self) -> asyncio.Future[None]:
+        """:meth:`flush_appended` as a future (no task needed to wait on it): done when the
+        frames appended so far are durable and applied (at once if they are), failed with the
+        store's error. Raises at once if the store is not writable."""
+        fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         lsn = self._next_lsn - 1
         if lsn <= self.index.last_lsn:
-            return
+            fut.set_result(None)
+            return fut
         self._check_writable()
         self._check_not_frozen()
-        fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self._waiters.append((lsn, fut))
         self._ensure_flusher()
-        await fut
+        return fut
 
     def _check_sync_allowed(self) -> None:
         if self.barrier is not None:
@@ -1864,6 +1881,8 @@ class Store:
                 if files:
                     self._inflight = files
                     try:
+                        # Never on the loop's thread, not even a secondary's: a slow fsync
+                        # would stop it answering the peer's pings (the link would drop).
                         await loop.run_in_executor(self._executor, self._sync_files, files)
                     finally:
                         self._inflight = []
