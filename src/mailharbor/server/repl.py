@@ -12,8 +12,9 @@ Theory of operation
   node id and close the other (a deterministic tie-break both sides compute alike). A link
   that fails the handshake (wrong secret, other settings, unexpected node) is refused and
   logged; only its socket is dropped.
-* **Events to actions.** ``NeedFrames`` → ``store.read_frames(from, durable=True)``;
-  ``IngestFrames`` → one ingest worker per link (``store.ingest``, group commit) →
+* **Events to actions.** ``NeedFrames`` → ``store.read_frames(from, durable=True)`` (held
+  while the socket's write buffer is full); ``IngestFrames`` → one ingest worker per link
+  (``store.ingest_nowait``, then ``store.flushed_future``: group commit, pipelined) →
   ``frames_durable``; ``Acked`` → :class:`AsyncBarrier` (``store.barrier``); ``CutTail`` →
   ``store.cut_tail`` with a quarantine file under ``<data_dir>/quarantine/``; ``NeedDigest`` →
   ``store.logical_digest``; ``Decision`` → the rule logged by name; ``LinkLost`` → reported,
@@ -208,8 +209,6 @@ class ReplStore(Protocol):
     def first_retained_lsn(self) -> int: ...
 
     def read_frames(self, from_lsn: int, *, durable: bool = False) -> Iterator[bytes]: ...
-
-    async def ingest(self, frames: Sequence[bytes]) -> int: ...
 
     def ingest_nowait(self, frames: Sequence[bytes]) -> int: ...
 
@@ -1063,8 +1062,8 @@ class Replicator:
 
     async def _ingest_loop(self, link: _Link) -> None:
         """Write the peer's frames in order, pipelined: each batch received is verified and
-        appended at once (its write queued to the store's flusher thread) while the batches
-        before it are still being written and fsynced; every fsync that completes makes the
+        appended at once (written, or queued to the store's flusher thread if big) while the
+        batches before it are still being written and fsynced; every fsync that completes makes the
         batches it covers durable (history noted, FRAMES_DURABLE). So the disk never waits for
         the event loop nor the event loop for the disk. After the link is lost it still writes
         what was received (protocol B acknowledged it on receipt), then ends."""
