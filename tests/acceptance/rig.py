@@ -414,20 +414,22 @@ def running_cluster(net: Net, tag: str, *, imap_port: int | None = None) -> Iter
 
 
 class Probe(Proc):
-    """`client.py probe` from the host against n1: one SMTP session that sends a message up to
-    its final "." and waits for ``go`` (a file) to send the dot, plus an idle session (and an
-    idle IMAP session with ``imap``); its events (``ready``, ``dot``, ``idle``...) are JSON lines
-    in ``out``."""
+    """`client.py probe` from the host against ``target`` (n1 unless told): one SMTP session
+    that sends a message up to its final "." and waits for ``go`` (a file) to send the dot,
+    plus an idle session (and an idle IMAP session with ``imap``); its events (``ready``,
+    ``dot-sent``, ``dot``, ``idle``...) are JSON lines in ``out``."""
 
-    def __init__(self, net: Net, cluster: Cluster, mid: str, *, imap: str | None = None) -> None:
+    def __init__(
+        self, net: Net, cluster: Cluster, mid: str, *, imap: str | None = None, target: str = "n1"
+    ) -> None:
         self.mid = mid
-        self.out = cluster.base / "probe.jsonl"
-        self.go = cluster.base / "probe.go"
-        cmd = [sys.executable, str(CLIENT), "probe", "--target", f"{LAN['n1']}:{SMTP_PORT}"]
+        self.out = cluster.base / f"probe-{target}.jsonl"
+        self.go = cluster.base / f"probe-{target}.go"
+        cmd = [sys.executable, str(CLIENT), "probe", "--target", f"{LAN[target]}:{SMTP_PORT}"]
         cmd += ["--mid", mid, "--out", str(self.out), "--go-file", str(self.go)]
         if imap is not None:
             cmd += ["--imap", imap]
-        super().__init__(net, "host", cmd, cluster.base / "probe.log")
+        super().__init__(net, "host", cmd, cluster.base / f"probe-{target}.log")
 
     def events(self) -> dict[str, dict[str, Any]]:
         if not self.out.exists():

@@ -9,9 +9,10 @@ self-fence), with nothing acknowledged lost. Two rounds on one cluster:
 
 1. n1 (primary) loses power: whatever it had not fsynced is gone;
 2. n2 (now primary) loses power half a second after its replication link stalled (packets
-   dropped, too short for anyone to notice): its disk keeps fsynced transactions that n1 never
-   received and nobody acknowledged — the case where "never the reverse" matters. Its
-   unacknowledged tail is cut into quarantine (`rule:crashed-primary-unacked-tail`).
+   dropped, too short for anyone to notice) and a probe session sent its final "." into the
+   stall: its disk keeps fsynced transactions that n1 never received and nobody acknowledged —
+   the case where "never the reverse" matters. Its unacknowledged tail is cut into quarantine
+   (`rule:crashed-primary-unacked-tail`).
 """
 
 from __future__ import annotations
@@ -37,6 +38,7 @@ from .rig import (
     Cluster,
     Load,
     Net,
+    Probe,
     ack_segments,
     final_check,
     rejoin,
@@ -121,14 +123,27 @@ def _cut_and_return(
     data, backing, cut = node.dir / "data", node.dir / "data.backing", node.dir / "data.cut"
     k_me, k_other = len(DECISION.findall(node.log)), len(DECISION.findall(other.log))
     promoted = other.log.count("PROMOTED (failover)")
-    if stall:
-        # Within ping_timeout: nobody notices, writes wait for the peer's acknowledgement.
-        c.net.drop(name, iface="rep0")
-        time.sleep(STALL_S)
-    t_cut = time.monotonic()
-    node.signal(signal.SIGKILL)
-    assert node.proc is not None
-    node.proc.wait(10)
+    # The load's two sessions on this node may both be waiting for acknowledgements of records
+    # the peer already has (their 250s lost in the stall); then nothing new would be written
+    # during it. A probe's final "." makes sure a transaction arrives inside the stall.
+    probe = Probe(c.net, c, f"stall-{secrets.token_hex(4)}@acc.test", target=name)
+    try:
+        if stall:
+            probe.start()
+            probe.wait_ready()
+            # Within ping_timeout: nobody notices, writes wait for the peer's acknowledgement.
+            c.net.drop(name, iface="rep0")
+            probe.go.touch()
+            wait_for(lambda: "dot-sent" in probe.events(), 5, "the probe's final dot sent")
+            time.sleep(STALL_S)
+        t_cut = time.monotonic()
+        node.signal(signal.SIGKILL)
+        assert node.proc is not None
+        node.proc.wait(10)
+    finally:
+        probe.kill()
+    dot = probe.events().get("dot", {})
+    assert dot.get("code") != 250, f"the probe's transaction was acknowledged in the stall: {dot}"
     mount.power_cut(cut)
     wait_for(lambda: bool(load.acks(survivor, after=t_cut)), 20, f"a 250 from {survivor}")
     failover = min(e.t for e in load.acks(survivor, after=t_cut)) - t_cut
