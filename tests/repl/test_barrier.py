@@ -64,6 +64,29 @@ def test_fencing_policies_hold_until_told() -> None:
         assert b.pending == 0
 
 
+def test_try_release_is_the_fast_path_of_a_waiter_that_need_not_wait() -> None:
+    b = BarrierCore(Protocol.C, FencingPolicy.DONT_CARE)
+    assert b.releasable(4) and b.try_release(4) and b.released_lsn == 4  # LOCAL: at once
+    b.require_peer()
+    assert not b.releasable(6) and not b.try_release(6) and b.released_lsn == 4
+    b.peer_confirmed(7)  # the peer's acknowledgement came before the local fsync ended
+    assert b.try_release(6) and b.released_lsn == 6
+    tok, _ = b.add_waiter(9)
+    b.peer_confirmed(12)
+    assert b.pending == 0
+    tok, _ = b.add_waiter(15)
+    # A waiter still pending: a later LSN is not released past it (LSN order).
+    b.confirmed_lsn = 20
+    assert not b.try_release(16)
+    b.cancel(tok)
+    assert b.try_release(16)
+    # A link loss counts what try_release released as acknowledged with the peer.
+    loss = b.link_lost()
+    assert loss.mirrored_until == 20 and not b.try_release(21)  # frozen: nothing released
+    b.resume_local()
+    assert b.try_release(21)
+
+
 def test_link_loss_without_peer_mode_asks_nothing() -> None:
     b = BarrierCore(Protocol.C)
     assert b.link_lost().mirrored_until is None and b.mode is BarrierMode.LOCAL
@@ -73,6 +96,7 @@ def test_link_loss_without_peer_mode_asks_nothing() -> None:
     st.lists(
         st.one_of(
             st.tuples(st.just("wait"), st.integers(1, 50)),
+            st.tuples(st.just("try"), st.integers(1, 50)),
             st.tuples(st.just("ack"), st.integers(0, 50)),
             st.tuples(st.just("peer"), st.just(0)),
             st.tuples(st.just("lost"), st.just(0)),
@@ -95,6 +119,14 @@ def test_never_released_beyond_the_peer_in_peer_mode_and_one_outcome_each(
         if op == "wait":
             tok, out = b.add_waiter(n)
             waiting.add(tok)
+        elif op == "try":
+            before = b.released_lsn
+            if b.try_release(n):
+                assert mode is not BarrierMode.FROZEN and b.released_lsn == max(before, n)
+                assert mode is BarrierMode.LOCAL or n <= b.confirmed_lsn
+            else:
+                assert b.released_lsn == before
+            out = []
         elif op == "ack":
             out = b.peer_confirmed(n)
         elif op == "peer":

@@ -1358,6 +1358,9 @@ class GateBarrier:
         self.waits: list[int] = []
         self.fail = False
 
+    def try_release(self, lsn: int) -> bool:
+        return False  # every batch goes through wait()
+
     async def wait(self, lsn: int) -> None:
         self.waits.append(lsn)
         await self.gate.wait()
@@ -1451,6 +1454,94 @@ def test_failing_barrier_fails_the_commit_and_shows_nothing(store: Store, alice:
     assert len(store.index.mailboxes[box]) == 0
 
 
+class FastBarrier:
+    """A durability barrier whose fast path releases everything (a secondary, protocol A),
+    except the LSNs in ``hold``: those go through `wait` and are held until `release()`."""
+
+    def __init__(self, hold: set[int] | None = None) -> None:
+        self.hold = hold or set()
+        self.tried: list[int] = []
+        self.waits: list[int] = []
+        self.gate = asyncio.Event()
+
+    def try_release(self, lsn: int) -> bool:
+        self.tried.append(lsn)
+        return lsn not in self.hold
+
+    async def wait(self, lsn: int) -> None:
+        self.waits.append(lsn)
+        await self.gate.wait()
+
+    def release(self) -> None:
+        self.gate.set()
+
+
+@pytest.mark.timeout(60)
+def test_durable_listener_runs_after_the_fsync_and_before_the_apply(
+    store: Store, alice: bytes
+) -> None:
+    """fsync, tell the durable listeners (a secondary acknowledges there), then apply: the
+    listener sees its LSN durable and not yet visible; with the barrier's fast path the batch
+    is applied in the same step and `wait` is never called."""
+    box = inbox(store, alice)
+    seen: list[tuple[int, int, int]] = []
+    store.add_durable_listener(lambda lsn: seen.append((lsn, store.durable_lsn, store.visible_lsn)))
+
+    def failing(lsn: int) -> None:
+        raise RuntimeError("a listener's bug")
+
+    store.add_durable_listener(failing)  # logged and ignored: the commit still completes
+
+    async def main() -> int:
+        barrier = FastBarrier()
+        store.barrier = barrier
+        async with store.transaction() as t:
+            t.deliver(t.put_blob(b"fast path"), [box])
+        assert t.committed_lsn is not None
+        lsn = t.committed_lsn
+        assert barrier.tried == [lsn] and barrier.waits == []
+        store.barrier = None
+        return lsn
+
+    lsn = asyncio.run(main())
+    assert seen and seen[-1][0] == lsn
+    target, durable, visible = seen[-1]
+    assert durable >= target > visible  # durable, not applied yet
+    assert store.visible_lsn >= lsn and len(store.index.mailboxes[box]) == 1
+
+
+@pytest.mark.timeout(60)
+def test_fast_path_never_applies_past_a_batch_still_held(store: Store, alice: bytes) -> None:
+    """Batch 1 waits in the ack stage; batch 2, fsynced meanwhile, must not take the fast path
+    (it would become visible before batch 1): it queues behind it, in LSN order."""
+    box = inbox(store, alice)
+
+    async def main() -> None:
+        async def commit(body: bytes) -> int:
+            async with store.transaction() as t:
+                t.deliver(t.put_blob(body), [box])
+            assert t.committed_lsn is not None
+            return t.committed_lsn
+
+        first_lsn = store.last_lsn + 1
+        barrier = FastBarrier(hold={first_lsn})
+        store.barrier = barrier
+        first = asyncio.create_task(commit(b"held"))
+        await until(lambda: bool(barrier.waits))
+        second = asyncio.create_task(commit(b"behind it"))
+        await until(lambda: store.durable_lsn > first_lsn)
+        await asyncio.sleep(0.05)
+        assert not first.done() and not second.done()
+        assert store.visible_lsn < first_lsn and len(store.index.mailboxes[box]) == 0
+        assert barrier.tried == [first_lsn]  # not asked while the ack stage was busy
+        barrier.release()
+        assert await first == first_lsn and await second > first_lsn
+        assert len(store.index.mailboxes[box]) == 2
+        store.barrier = None
+
+    asyncio.run(main())
+
+
 class StepBarrier:
     """A durability barrier that holds each wait until that LSN is released."""
 
@@ -1458,6 +1549,9 @@ class StepBarrier:
         self.waits: list[int] = []
         self.released = 0
         self._changed = asyncio.Event()
+
+    def try_release(self, lsn: int) -> bool:
+        return False  # every batch goes through wait()
 
     async def wait(self, lsn: int) -> None:
         self.waits.append(lsn)
@@ -1521,6 +1615,9 @@ def test_refused_sync_commit_under_a_barrier_never_becomes_visible(
     box = inbox(store, alice)
 
     class PassBarrier:
+        def try_release(self, lsn: int) -> bool:
+            return False  # every batch goes through wait()
+
         async def wait(self, lsn: int) -> None:
             return None
 

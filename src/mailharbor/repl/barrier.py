@@ -108,6 +108,21 @@ class BarrierCore:
         self._waiters[token] = lsn
         return token, self._release()
 
+    def releasable(self, lsn: int) -> bool:
+        """Would a waiter for ``lsn`` be released at once (and none is pending)? Pure."""
+        if self._waiters or self.mode is BarrierMode.FROZEN:
+            return False
+        return self.mode is BarrierMode.LOCAL or lsn <= self.confirmed_lsn
+
+    def try_release(self, lsn: int) -> bool:
+        """The fast path of :meth:`add_waiter` for a waiter that need not wait: if
+        :meth:`releasable`, count ``lsn`` as released (``released_lsn``) and return True; else
+        change nothing and return False (then wait with :meth:`add_waiter`)."""
+        if not self.releasable(lsn):
+            return False
+        self.released_lsn = max(self.released_lsn, lsn)
+        return True
+
     def cancel(self, token: int) -> None:
         """Forget a waiter (its commit was abandoned); no outcome is produced."""
         self._waiters.pop(token, None)

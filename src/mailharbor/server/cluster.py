@@ -286,6 +286,14 @@ class GatedBarrier:
             # from them but the primary, whose own barrier waits for them.
             await self.manager.ack_gate()
 
+    def try_release(self, lsn: int) -> bool:
+        """The replication barrier's fast path, and on a primary the ack gate's, both at once
+        (the gate first asked only when the replication barrier would release)."""
+        repl = self.manager.repl
+        if repl.role is Role.PRIMARY and not (repl.core.releasable(lsn) and self.manager.can_ack()):
+            return False
+        return self.inner.try_release(lsn)
+
 
 # --- the manager ---------------------------------------------------------------------------------
 

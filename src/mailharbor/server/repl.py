@@ -214,6 +214,8 @@ class ReplStore(Protocol):
 
     def flushed_future(self) -> asyncio.Future[None]: ...
 
+    def add_durable_listener(self, cb: Callable[[int], None]) -> None: ...
+
     async def settle(self) -> None: ...
 
     def add_frame_listener(self, cb: Callable[[int, bytes], None]) -> None: ...
@@ -370,6 +372,9 @@ class AsyncBarrier:
             if self._futures.pop(token, None) is not None:
                 self.core.cancel(token)
 
+    def try_release(self, lsn: int) -> bool:
+        return self.core.try_release(lsn)
+
     def dispatch(self, outcomes: Sequence[BarrierOutcome]) -> None:
         for o in outcomes:
             fut = self._futures.pop(o.token, None)
@@ -494,6 +499,9 @@ class _Link:
     processing: bool = False
     timer_at: float | None = None  # the deadline the timer loop sleeps until (None: awake)
     ingest_task: asyncio.Task[None] | None = None  # not cancelled with the link (see _link_gone)
+    # Frames appended to the store, not yet durable: (last LSN, frames) per batch, acknowledged
+    # by _on_durable when the store's fsync covers them.
+    unsynced: deque[tuple[int, list[bytes]]] = field(default_factory=deque)
     snap_export: SnapshotExport | None = None  # full sync, source: the snapshot being sent
     # The log read of the last NeedFrames, kept open for the next one (a resync reads the log
     # in chunks; a fresh read_frames would scan its segment from the start every time).
@@ -568,6 +576,7 @@ class Replicator:
         self._policy_override: SplitBrainPolicy | None = None
         self._appended: list[bytes] = []  # frames appended this loop iteration, not shipped
         self._draining: set[asyncio.Task[None]] = set()  # ingest tasks of dropped links
+        self._ingesting: set[_Link] = set()  # links with ingested frames not yet durable
         # full sync: asked by `repl invalidate` (until UpToDate); a snapshot being received
         # (from SnapshotBegin until installed: no promotion, not even forced)
         self._want_full_sync = False
@@ -591,6 +600,7 @@ class Replicator:
         start_role = self._load_meta()
         self.store.barrier = self.barrier
         self.store.add_frame_listener(self._on_frame)
+        self.store.add_durable_listener(self._on_durable)
         host, port = split_endpoint(self.settings.listen)
         self._server = await asyncio.get_running_loop().create_server(
             lambda: _LinkIO(self._accepted), host, port
@@ -1063,12 +1073,13 @@ class Replicator:
     async def _ingest_loop(self, link: _Link) -> None:
         """Write the peer's frames in order, pipelined: each batch received is verified and
         appended at once (written, or queued to the store's flusher thread if big) while the
-        batches before it are still being written and fsynced; every fsync that completes makes the
-        batches it covers durable (history noted, FRAMES_DURABLE). So the disk never waits for
-        the event loop nor the event loop for the disk. After the link is lost it still writes
-        what was received (protocol B acknowledged it on receipt), then ends."""
+        batches before it are still being written and fsynced. Every fsync that completes makes
+        the batches it covers durable (:meth:`_on_durable`: history noted, FRAMES_DURABLE) right
+        away, before the store applies them. So the disk never waits for the event loop nor the
+        event loop for the disk. The loop waits on the store's flush futures only to learn of
+        errors and to know when all is written: after the link is lost it still writes what was
+        received (protocol B acknowledged it on receipt), then ends."""
         s = link.session
-        unsynced: deque[tuple[int, list[bytes]]] = deque()  # appended, not yet durable
         flush: asyncio.Future[None] | None = None
         try:
             while True:
@@ -1081,9 +1092,9 @@ class Replicator:
                     except Exception as e:
                         self._ingest_error(link, e)
                         return
-                    unsynced.append((last, frames))
-                if flush is None and unsynced:
-                    target = unsynced[-1][0]
+                    link.unsynced.append((last, frames))
+                    self._ingesting.add(link)
+                if flush is None and link.unsynced:
                     try:
                         flush = self.store.flushed_future()
                     except Exception as e:
@@ -1104,16 +1115,37 @@ class Replicator:
                     return
                 finally:
                     flush = None
-                durable: list[bytes] = []
-                while unsynced and unsynced[0][0] <= target:
-                    durable += unsynced.popleft()[1]
-                self._note_ingested(durable)
-                link.sync_bytes += wire.frames_size(durable)
-                s.frames_durable(target)
-                self._process(link)
+                self._frames_durable(link, self.store.durable_lsn)  # if not done already
         finally:
             if flush is not None:  # leaving on an error: nobody waits for it any more
                 flush.cancel()
+            # Whatever is still unsynced was not made durable: never acknowledged.
+            link.unsynced.clear()
+            self._ingesting.discard(link)
+
+    def _on_durable(self, lsn: int) -> None:
+        """The store's durable listener: its log is fsynced up to ``lsn``, and the batch is not
+        applied yet. The peer's frames it covers are acknowledged now (fsync, acknowledge,
+        apply: the apply is not on the primary's commit path)."""
+        for link in list(self._ingesting):
+            self._frames_durable(link, lsn)
+
+    def _frames_durable(self, link: _Link, lsn: int) -> None:
+        """``link``'s ingested batches up to ``lsn`` are durable: note their history, send
+        FRAMES_DURABLE (the acknowledgement) for the last of them."""
+        durable: list[bytes] = []
+        target = 0
+        while link.unsynced and link.unsynced[0][0] <= lsn:
+            target, frames = link.unsynced.popleft()
+            durable += frames
+        if not link.unsynced:
+            self._ingesting.discard(link)
+        if not durable:
+            return
+        self._note_ingested(durable)
+        link.sync_bytes += wire.frames_size(durable)
+        link.session.frames_durable(target)
+        self._process(link)
 
     def _ingest_error(self, link: _Link, e: BaseException) -> None:
         """Storing the peer's frames failed: a disk error detaches this node's disk (DRBD's

@@ -241,9 +241,16 @@ class CompactReport:
 class DurabilityBarrier(Protocol):
     """What replication plugs in: `wait(lsn)` returns once frames up to `lsn` are as durable as
     the replication protocol requires (protocol C: fsynced by the peer). Raising fails the
-    commits in the batch (they are not acknowledged)."""
+    commits in the batch (they are not acknowledged).
+
+    `try_release(lsn)` is the synchronous fast path, asked right after the local fsync when no
+    earlier batch is still waiting: True means frames up to `lsn` are released now (exactly as
+    if `wait(lsn)` had returned: the barrier counts them as released) and the store applies the
+    batch at once; False means nothing changed and the store goes through `wait`."""
 
     async def wait(self, lsn: int) -> None: ...
+
+    def try_release(self, lsn: int) -> bool: ...
 
 
 @dataclass(frozen=True, slots=True)
@@ -1079,6 +1086,7 @@ class Store:
         self._executor: ThreadPoolExecutor | None = None
         self._frame_listeners: list[Callable[[int, bytes], None]] = []
         self._commit_listeners: list[Callable[[CommitEvent], None]] = []
+        self._durable_listeners: list[Callable[[int], None]] = []
         self._cache = _Cache(options.cache_bytes)
         self._bytes_since_ckpt = 0
         self.stats_commits = 0
@@ -1779,6 +1787,7 @@ class Store:
         self._close_sealed(files)
         self.stats_fsyncs += 1
         self._durable_lsn = max(self._durable_lsn, target)
+        self._notify_durable(target)
         self._apply_upto(target)
 
     def _settle_sync(self) -> None:
@@ -1864,11 +1873,14 @@ class Store:
 
     async def _flush_loop(self) -> None:
         """Group commit, the fsync stage: each turn fsyncs what was appended since the last one
-        (one fsync for all the transactions in it). Without a durability barrier the batch is
-        applied (visible, its commits return) right here. With one, the batch goes to the ack
-        stage (:meth:`_ack_loop`) and the next turn starts at once: the local fsync of batch
-        N+1 overlaps the wait for the peer's acknowledgement of batch N (the frames were
-        shipped when appended). The loop ends when everything appended is fsynced."""
+        (one fsync for all the transactions in it), tells the durable listeners, then applies
+        the batch (visible, its commits return) right here if there is no durability barrier,
+        or if the ack stage is idle and the barrier releases the batch at once
+        (`try_release`: a secondary, protocol A, or the peer's acknowledgement came first).
+        Otherwise the batch goes to the ack stage (:meth:`_ack_loop`) and the next turn starts
+        at once: the local fsync of batch N+1 overlaps the wait for the peer's acknowledgement
+        of batch N (the frames were shipped when appended). The loop ends when everything
+        appended is fsynced."""
         loop = asyncio.get_running_loop()
         if self._executor is None:
             self._executor = ThreadPoolExecutor(1, thread_name_prefix="mh-fsync")
@@ -1889,7 +1901,8 @@ class Store:
                     self.stats_fsyncs += 1
                     self._close_sealed(files)
                 self._durable_lsn = max(self._durable_lsn, target)
-                if self.barrier is not None:
+                self._notify_durable(target)
+                if self.barrier is not None and not self._release_now(target):
                     self._ack_target = max(self._ack_target, target)
                     if self._acker is None or self._acker.done():
                         self._acker = loop.create_task(self._ack_loop())
@@ -1899,6 +1912,20 @@ class Store:
                 self._fail(e)
             except StoreError:
                 pass  # _apply_upto already failed the store
+
+    def _release_now(self, target: int) -> bool:
+        """The barrier's fast path: only with the ack stage idle (batches are released in LSN
+        order); a barrier that raises fails the store as `wait` raising would."""
+        if self.barrier is None:
+            return True
+        if self._acker is not None and not self._acker.done():
+            return False
+        try:
+            return self.barrier.try_release(target)
+        except Exception as e:
+            log.error("durability barrier failed: %s", e)
+            self._fail(e)
+            raise StoreError(f"durability barrier failed: {e}") from None
 
     async def _ack_loop(self) -> None:
         """Group commit, the ack stage (with a durability barrier): in LSN order, wait until the
@@ -2022,6 +2049,20 @@ class Store:
     def remove_commit_listener(self, cb: Callable[[CommitEvent], None]) -> None:
         with contextlib.suppress(ValueError):
             self._commit_listeners.remove(cb)
+
+    def add_durable_listener(self, cb: Callable[[int], None]) -> None:
+        """`cb(lsn)` on the loop's thread each time the frames up to `lsn` are fsynced, right
+        after the fsync: before the barrier is asked and before they are applied. A secondary
+        acknowledges its peer's frames from it (fsync, acknowledge, apply). `cb` must not
+        call back into the store; an exception from it is logged and ignored."""
+        self._durable_listeners.append(cb)
+
+    def _notify_durable(self, lsn: int) -> None:
+        for cb in self._durable_listeners:
+            try:
+                cb(lsn)
+            except Exception:
+                log.exception("a durable listener failed (ignored)")
 
     def _reader(self, segno: int) -> ReadableFile:
         r = self._readers.get(segno)
