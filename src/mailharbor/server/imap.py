@@ -62,11 +62,13 @@ from mailharbor.proto.imap import (
 from mailharbor.proto.imap import commands as c
 from mailharbor.proto.imap import responses as r
 from mailharbor.proto.smtp import AuthFailures
-from mailharbor.server.listener import TLS_HANDSHAKE_TIMEOUT, ConnectionLimiter, Listener
-from mailharbor.server.proxy import (
-    TrustedProxies,
-    looks_like_proxy,
+from mailharbor.server.listener import (
+    TLS_HANDSHAKE_TIMEOUT,
+    ConnectionLimiter,
+    EngineSession,
+    Listener,
 )
+from mailharbor.server.proxy import TrustedProxies
 from mailharbor.service.auth import Authenticator, AuthStatus
 from mailharbor.service.mailbox import (
     DELIMITER,
@@ -223,8 +225,10 @@ def _fetch_att(item: c.FetchItem) -> FetchAtt:
     return FetchAtt(item.name)
 
 
-class _Session:
+class _Session(EngineSession[ImapServerConnection]):
     """One connection (see the module doc)."""
+
+    log = log
 
     def __init__(
         self,
@@ -389,29 +393,15 @@ class _Session:
             await self._bye("Autologout; idle for too long")
         return None
 
+    async def _refuse_proxy(self) -> None:
+        await self._bye("PROXY protocol not accepted from this address")
+
     async def run(self) -> None:
         self._task = asyncio.current_task()
         stop = self.listener.stop_future
         stop.add_done_callback(self._on_stop)
         try:
-            await self._write(self.conn.data_to_send())
-            while True:
-                if await self._pump():
-                    return
-                data = await self._read()
-                if data is None:
-                    return
-                if self.first_read and data:
-                    self.first_read = False
-                    if looks_like_proxy(data):
-                        log.warning(
-                            "refused %s: PROXY header from an untrusted address", self.client
-                        )
-                        await self._bye("PROXY protocol not accepted from this address")
-                        return
-                self.conn.receive_data(data)
-        except (ConnectionError, TimeoutError, OSError, ssl.SSLError):
-            return
+            await self._serve()
         finally:
             stop.remove_done_callback(self._on_stop)
             if self._timer is not None:

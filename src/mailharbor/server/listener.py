@@ -30,15 +30,22 @@ import ssl
 import stat
 from collections import Counter
 from collections.abc import Awaitable
+from typing import ClassVar, Generic, Protocol, TypeVar
 
 from mailharbor.proto.proxy import ProxyError
 from mailharbor.proto.smtp import address_key
-from mailharbor.server.proxy import TrustedProxies, proxy_aware, read_proxy_header
+from mailharbor.server.proxy import (
+    TrustedProxies,
+    looks_like_proxy,
+    proxy_aware,
+    read_proxy_header,
+)
 
 __all__ = [
     "PROXY_TIMEOUT",
     "TLS_HANDSHAKE_TIMEOUT",
     "ConnectionLimiter",
+    "EngineSession",
     "Listener",
     "client_address",
     "run_tracked",
@@ -133,6 +140,63 @@ async def client_address(
         log.warning("refused %s: bad PROXY header (%s)", peer, type(e).__name__)
         return None
     return header.source[0] if header.source is not None else peer
+
+
+class _Engine(Protocol):
+    def data_to_send(self) -> bytes: ...
+
+    def receive_data(self, data: bytes) -> None: ...
+
+
+_E = TypeVar("_E", bound=_Engine)
+
+
+class EngineSession(abc.ABC, Generic[_E]):
+    """The I/O loop every session around a sans-IO protocol engine (SMTP/LMTP, IMAP, POP3)
+    shares, as :meth:`_serve`: the greeting, then in turn every event the engine has
+    (:meth:`_pump`, True when the session is over) and the client's next bytes (:meth:`_read`,
+    None when the session is over) into the engine. A first read that looks like a PROXY
+    header (the client's address is not trusted to send one, or it would have been read
+    already) is never fed to the engine: it is logged on ``log`` and refused in the protocol's
+    words (:meth:`_refuse_proxy`). A broken connection ends the loop quietly."""
+
+    conn: _E
+    client: str
+    first_read: bool
+    log: ClassVar[logging.Logger]
+
+    async def _serve(self) -> None:
+        try:
+            await self._write(self.conn.data_to_send())
+            while True:
+                if await self._pump():
+                    return
+                data = await self._read()
+                if data is None:
+                    return
+                if self.first_read and data:
+                    self.first_read = False
+                    if looks_like_proxy(data):
+                        self.log.warning(
+                            "refused %s: PROXY header from an untrusted address", self.client
+                        )
+                        await self._refuse_proxy()
+                        return
+                self.conn.receive_data(data)
+        except (ConnectionError, TimeoutError, OSError, ssl.SSLError):
+            return
+
+    @abc.abstractmethod
+    async def _pump(self) -> bool: ...
+
+    @abc.abstractmethod
+    async def _read(self) -> bytes | None: ...
+
+    @abc.abstractmethod
+    async def _write(self, data: bytes) -> None: ...
+
+    @abc.abstractmethod
+    async def _refuse_proxy(self) -> None: ...
 
 
 class Listener(abc.ABC):

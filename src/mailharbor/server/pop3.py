@@ -64,11 +64,13 @@ from mailharbor.proto.pop3 import (
     ok,
 )
 from mailharbor.proto.smtp import AuthFailures
-from mailharbor.server.listener import TLS_HANDSHAKE_TIMEOUT, ConnectionLimiter, Listener
-from mailharbor.server.proxy import (
-    TrustedProxies,
-    looks_like_proxy,
+from mailharbor.server.listener import (
+    TLS_HANDSHAKE_TIMEOUT,
+    ConnectionLimiter,
+    EngineSession,
+    Listener,
 )
+from mailharbor.server.proxy import TrustedProxies
 from mailharbor.service.auth import Authenticator, AuthStatus
 from mailharbor.service.maildrop import Maildrop, MaildropInUse, MaildropLocks, MessageGone
 from mailharbor.store import NotFound, Store, StoreError
@@ -167,8 +169,10 @@ class Pop3Listener(Listener):
             session.release()
 
 
-class _Session:
+class _Session(EngineSession[Pop3ServerConnection]):
     """One connection."""
+
+    log = log
 
     def __init__(
         self,
@@ -236,26 +240,11 @@ class _Session:
             await self._write(R_TIMEOUT.to_bytes())
         return None
 
+    async def _refuse_proxy(self) -> None:
+        await self._write(R_PROXY.to_bytes())
+
     async def run(self) -> None:
-        try:
-            await self._write(self.conn.data_to_send())
-            while True:
-                if await self._pump():
-                    return
-                data = await self._read()
-                if data is None:
-                    return
-                if self.first_read and data:
-                    self.first_read = False
-                    if looks_like_proxy(data):
-                        log.warning(
-                            "refused %s: PROXY header from an untrusted address", self.client
-                        )
-                        await self._write(R_PROXY.to_bytes())
-                        return
-                self.conn.receive_data(data)
-        except (ConnectionError, TimeoutError, OSError, ssl.SSLError):
-            return
+        await self._serve()
 
     async def _pump(self) -> bool:
         """Handle every event the engine has; True when the session is over."""

@@ -75,11 +75,13 @@ from mailharbor.proto.smtp import (
     StartTls,
     State,
 )
-from mailharbor.server.listener import TLS_HANDSHAKE_TIMEOUT, ConnectionLimiter, Listener
-from mailharbor.server.proxy import (
-    TrustedProxies,
-    looks_like_proxy,
+from mailharbor.server.listener import (
+    TLS_HANDSHAKE_TIMEOUT,
+    ConnectionLimiter,
+    EngineSession,
+    Listener,
 )
+from mailharbor.server.proxy import TrustedProxies
 from mailharbor.service.auth import Authenticator, AuthStatus
 from mailharbor.service.delivery import (
     Envelope,
@@ -212,7 +214,7 @@ class SmtpListener(Listener):
             self._sessions.discard(session)
 
 
-class _Session:
+class _Session(EngineSession[SmtpServerConnection]):
     """One connection.
 
     Reads are plain ``await reader.read()`` calls; their timeout is one lazy timer per session
@@ -222,6 +224,8 @@ class _Session:
     the 421. A listener stop interrupts a command read the same way (``shutdown``). Replies are
     collected in ``_outbuf`` and written in one piece before the session waits (for bytes, the
     store, AUTH), so pipelined commands get their replies in one segment."""
+
+    log = log
 
     def __init__(
         self,
@@ -421,27 +425,13 @@ class _Session:
         await self._write(why.to_bytes())
         return None
 
+    async def _refuse_proxy(self) -> None:
+        await self._write(R_PROXY.to_bytes())
+
     async def run(self) -> None:
         self._task = asyncio.current_task()
         try:
-            await self._write(self.conn.data_to_send())
-            while True:
-                if await self._pump():
-                    return
-                data = await self._read()
-                if data is None:
-                    return
-                if self.first_read and data:
-                    self.first_read = False
-                    if looks_like_proxy(data):
-                        log.warning(
-                            "refused %s: PROXY header from an untrusted address", self.client
-                        )
-                        await self._write(R_PROXY.to_bytes())
-                        return
-                self.conn.receive_data(data)
-        except (ConnectionError, TimeoutError, OSError, ssl.SSLError):
-            return
+            await self._serve()
         finally:
             if self._timer is not None:
                 self._timer.cancel()
