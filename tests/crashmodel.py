@@ -59,7 +59,11 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
-from mailharbor.store.fsio import FileSystem, ReadableFile, WritableFile
+from mailharbor.store.fsio import FileSystem, OsFileSystem, ReadableFile, WritableFile
+
+#: Reads go to the real files: what a process reads is what it wrote, synced or not (the page
+#: cache); only what survives a crash is the model's business.
+_READS = OsFileSystem()
 
 __all__ = [
     "CacheModelFS",
@@ -186,32 +190,6 @@ class _ModelWritable:
         if self._fd < 0:
             raise OSError(errno.EBADF, "sync of a closed file", self._path)
         self._fs._sync_file(self._inode, self._path)
-
-    def close(self) -> None:
-        if self._fd >= 0:
-            os.close(self._fd)
-            self._fd = -1
-
-
-class _OsReadable:
-    __slots__ = ("_fd",)
-
-    def __init__(self, path: str) -> None:
-        self._fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
-
-    def pread(self, length: int, offset: int) -> bytes:
-        chunks: list[bytes] = []
-        while length > 0:
-            b = os.pread(self._fd, length, offset)
-            if not b:
-                break
-            chunks.append(b)
-            length -= len(b)
-            offset += len(b)
-        return b"".join(chunks)
-
-    def size(self) -> int:
-        return os.fstat(self._fd).st_size
 
     def close(self) -> None:
         if self._fd >= 0:
@@ -354,7 +332,7 @@ class CacheModelFS:
             self._fire_sync("fsync", path)
 
     def open_read(self, path: str) -> ReadableFile:
-        return _OsReadable(path)
+        return _READS.open_read(path)
 
     def listdir(self, path: str) -> list[str]:
         return sorted(os.listdir(path))

@@ -784,6 +784,39 @@ _GEN_FILE = struct.Struct("<8sQI")  # magic, generation, CRC32C of the preceding
 _DAMAGE_MAGIC = b"MHDMG\r\n\x1a"
 _DAMAGE_VERSION = 1
 _DAMAGE_HEAD = struct.Struct("<8sHQIQQqH")
+# magic, version, after LSN, segment, offset, bytes kept, found ms, path length; then the path
+# of the kept bytes (UTF-8) and a CRC32C of everything before it.
+
+
+def _pack_marker(head: struct.Struct, fields: tuple[object, ...], path: str) -> bytes:
+    """A marker file (cut intent, damage marker): ``head`` packed from ``fields`` (magic and
+    version first) and the path's length, the path in UTF-8, a CRC32C of all before it."""
+    raw = path.encode("utf-8")
+    body = head.pack(*fields, len(raw)) + raw
+    return body + struct.pack("<I", fmt.crc32c(body))
+
+
+def _unpack_marker(
+    data: bytes, head: struct.Struct, magic: bytes, version: int, what: str, path_errors: str
+) -> tuple[tuple[int, ...], str]:
+    """The fields of a :func:`_pack_marker` file between version and path length, and the path
+    (decoded with ``path_errors``). Raises FormatError naming ``what`` when the file is
+    truncated, of another magic or version, of the wrong length or fails its checksum."""
+    if len(data) < head.size + 4:
+        raise fmt.FormatError(f"{what} truncated")
+    got_magic, got_version, *fields, plen = head.unpack_from(data)
+    if got_magic != magic or got_version != version:
+        raise fmt.FormatError(f"not a {what} of this version")
+    if len(data) != head.size + plen + 4:
+        raise fmt.FormatError(f"{what} has the wrong length")
+    (crc,) = struct.unpack_from("<I", data, len(data) - 4)
+    if fmt.crc32c(data[:-4]) != crc:
+        raise fmt.FormatError(f"{what} checksum mismatch")
+    try:
+        path = data[head.size : head.size + plen].decode("utf-8", path_errors)
+    except UnicodeDecodeError:
+        raise fmt.FormatError(f"{what} path is not UTF-8") from None
+    return tuple(fields), path
 
 
 @dataclass(frozen=True, slots=True)
@@ -802,33 +835,14 @@ class DamageReport:
     reason: str = ""
 
     def encode(self) -> bytes:
-        path = self.kept_in.encode("utf-8")
-        body = _DAMAGE_HEAD.pack(
-            _DAMAGE_MAGIC,
-            _DAMAGE_VERSION,
-            self.after_lsn,
-            self.segno,
-            self.offset,
-            self.bytes_kept,
-            self.found_ms,
-            len(path),
-        )
-        body += path
-        return body + struct.pack("<I", fmt.crc32c(body))
+        fields = (self.after_lsn, self.segno, self.offset, self.bytes_kept, self.found_ms)
+        return _pack_marker(_DAMAGE_HEAD, (_DAMAGE_MAGIC, _DAMAGE_VERSION, *fields), self.kept_in)
 
     @classmethod
     def decode(cls, data: bytes) -> DamageReport:
-        if len(data) < _DAMAGE_HEAD.size + 4:
-            raise fmt.FormatError("damage marker truncated")
-        magic, ver, after, segno, off, kept, found, plen = _DAMAGE_HEAD.unpack_from(data)
-        if magic != _DAMAGE_MAGIC or ver != _DAMAGE_VERSION:
-            raise fmt.FormatError("not a damage marker of this version")
-        if len(data) != _DAMAGE_HEAD.size + plen + 4:
-            raise fmt.FormatError("damage marker has the wrong length")
-        (crc,) = struct.unpack_from("<I", data, len(data) - 4)
-        if fmt.crc32c(data[:-4]) != crc:
-            raise fmt.FormatError("damage marker checksum mismatch")
-        path = data[_DAMAGE_HEAD.size : _DAMAGE_HEAD.size + plen].decode("utf-8", "replace")
+        (after, segno, off, kept, found), path = _unpack_marker(
+            data, _DAMAGE_HEAD, _DAMAGE_MAGIC, _DAMAGE_VERSION, "damage marker", "replace"
+        )
         return cls(after, segno, off, kept, found, path)
 
 
@@ -920,36 +934,14 @@ class _CutIntent:
     quarantine_path: str
 
     def encode(self) -> bytes:
-        path = self.quarantine_path.encode("utf-8")
-        body = _CUT_HEAD.pack(
-            _CUT_MAGIC,
-            _CUT_VERSION,
-            self.after_lsn,
-            self.segno,
-            self.offset,
-            self.last_segno,
-            self.last_lsn,
-            len(path),
-        )
-        body += path
-        return body + struct.pack("<I", fmt.crc32c(body))
+        fields = (self.after_lsn, self.segno, self.offset, self.last_segno, self.last_lsn)
+        return _pack_marker(_CUT_HEAD, (_CUT_MAGIC, _CUT_VERSION, *fields), self.quarantine_path)
 
     @classmethod
     def decode(cls, data: bytes) -> _CutIntent:
-        if len(data) < _CUT_HEAD.size + 4:
-            raise fmt.FormatError("cut intent truncated")
-        magic, ver, after, segno, off, last_seg, last, plen = _CUT_HEAD.unpack_from(data)
-        if magic != _CUT_MAGIC or ver != _CUT_VERSION:
-            raise fmt.FormatError("not a cut intent of this version")
-        if len(data) != _CUT_HEAD.size + plen + 4:
-            raise fmt.FormatError("cut intent has the wrong length")
-        (crc,) = struct.unpack_from("<I", data, len(data) - 4)
-        if fmt.crc32c(data[:-4]) != crc:
-            raise fmt.FormatError("cut intent checksum mismatch")
-        try:
-            path = data[_CUT_HEAD.size : _CUT_HEAD.size + plen].decode("utf-8")
-        except UnicodeDecodeError:
-            raise fmt.FormatError("cut intent path is not UTF-8") from None
+        (after, segno, off, last_seg, last), path = _unpack_marker(
+            data, _CUT_HEAD, _CUT_MAGIC, _CUT_VERSION, "cut intent", "strict"
+        )
         return cls(after, segno, off, last_seg, last, path)
 
 
