@@ -29,7 +29,6 @@ import secrets
 import shutil
 import signal
 import smtplib
-import socket
 import statistics
 import subprocess
 import sys
@@ -43,25 +42,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from common import BIN, free_port, log
 from mailharbor.admin.client import AdminClient, AdminClientError, NodeNotRunning
 from mailharbor.admin.protocol import RequestError
 
-REPO = Path(__file__).resolve().parent.parent
-MAILHARBOR = REPO / ".venv" / "bin" / "mailharbor"
+MAILHARBOR = BIN / "mailharbor"
 USER = "bench@example.org"
 PASSWORD = "pw-failover-bench-1"
 TARGET_MEDIAN_S = 3.0
-
-
-def log(msg: str) -> None:
-    print(msg, file=sys.stderr, flush=True)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
 
 
 def wait_for(cond: Callable[[], bool], timeout: float, what: str) -> None:

@@ -32,27 +32,35 @@ import random
 import re
 import shutil
 import signal
-import socket
 import statistics
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from email.utils import format_datetime
 from pathlib import Path
 from typing import Any
 
-REPO = Path(__file__).resolve().parent.parent
-BIN = REPO / ".venv" / "bin"
+from common import (
+    BIN,
+    REPO,
+    free_port,
+    log,
+    percentile,
+    rss_mb,
+    tree_cpu_s,
+    tree_rss_mb,
+    wait_greeting,
+)
+
 DOVECOT = "/usr/sbin/dovecot"
 DOMAIN = "bench.test"
 USER = f"user@{DOMAIN}"
 PASSWORD = "bench-pw"
 CLIENTS = 10
 MESSAGES = 1000
-CLK_TCK = os.sysconf("SC_CLK_TCK")
 TARGETS: dict[str, tuple[str, float]] = {
     "ratio": (">=", 0.5),
     "bodystructure_vs_envelope": ("<=", 1.2),
@@ -88,83 +96,6 @@ class Plan:
 
 QUICK = Plan(quick=True, iterations=10, rounds=2)
 FULL = Plan(quick=False, iterations=25, rounds=2)
-
-
-def log(msg: str) -> None:
-    print(msg, file=sys.stderr, flush=True)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
-
-
-def wait_greeting(port: int, timeout: float, alive: Callable[[], bool] = lambda: True) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if not alive():
-            raise RuntimeError(f"server for port {port} exited")
-        try:
-            with socket.create_connection(("127.0.0.1", port), timeout=2) as s:
-                if s.recv(512).startswith(b"* OK"):
-                    return
-        except OSError:
-            pass
-        time.sleep(0.1)
-    raise RuntimeError(f"nothing answers '* OK' on 127.0.0.1:{port}")
-
-
-# --- /proc accounting -----------------------------------------------------------------------
-
-
-def _stat_fields(pid: int) -> list[str] | None:
-    try:
-        raw = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return None
-    return raw[raw.rindex(")") + 2 :].split()
-
-
-def process_tree(root: int) -> list[int]:
-    children: dict[int, list[int]] = {}
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        f = _stat_fields(int(entry))
-        if f is not None:
-            children.setdefault(int(f[1]), []).append(int(entry))
-    out, todo = [], [root]
-    while todo:
-        pid = todo.pop()
-        out.append(pid)
-        todo.extend(children.get(pid, []))
-    return out
-
-
-def tree_cpu_s(root: int) -> float:
-    """utime+stime+cutime+cstime over the live tree: live CPU plus that of reaped children."""
-    ticks = 0
-    for pid in process_tree(root):
-        f = _stat_fields(pid)
-        if f is not None:
-            ticks += sum(int(x) for x in f[11:15])
-    return ticks / CLK_TCK
-
-
-def rss_mb(pid: int) -> float:
-    try:
-        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) / 1024
-    except OSError:
-        pass
-    return 0.0
-
-
-def tree_rss_mb(root: int) -> float:
-    return sum(rss_mb(p) for p in process_tree(root))
 
 
 # --- the corpus -------------------------------------------------------------------------------
@@ -545,7 +476,7 @@ class Canned(Server):
             stdin=subprocess.DEVNULL,
         )
         proc = self.proc
-        wait_greeting(self.port, 20, lambda: proc.poll() is None)
+        wait_greeting(self.port, b"* OK", 20, lambda: proc.poll() is None)
 
 
 class Mailharbor(Server):
@@ -591,7 +522,7 @@ class Mailharbor(Server):
             stdin=subprocess.DEVNULL,
         )
         proc = self.proc
-        wait_greeting(self.port, 30, lambda: proc.poll() is None)
+        wait_greeting(self.port, b"* OK", 30, lambda: proc.poll() is None)
 
     def rss_mb(self) -> float:
         return rss_mb(self.pid)
@@ -673,20 +604,13 @@ class Dovecot(Server):
         )
         proc = self.proc
         try:
-            wait_greeting(self.port, 30, lambda: proc.poll() is None)
+            wait_greeting(self.port, b"* OK", 30, lambda: proc.poll() is None)
         except RuntimeError:
             log((self.dir / "stderr.log").read_text()[-2000:])
             raise
 
 
 # --- running it --------------------------------------------------------------------------------
-
-
-def percentile(xs: Sequence[float], q: float) -> float:
-    s = sorted(xs)
-    if not s:
-        return float("nan")
-    return s[min(len(s) - 1, int(q * len(s)))]
 
 
 def measure(server: Server, plan: Plan, seed: int) -> dict[str, Any]:

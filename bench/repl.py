@@ -36,24 +36,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from common import BIN, REPO, free_port, log, percentile, rss_mb, tree_cpu_s, wait_greeting
 from mailharbor.admin.client import AdminClient, AdminClientError, NodeNotRunning
 from mailharbor.store.log import SEGMENT_PREFIX, SEGMENT_SUFFIX
-from smtp import (
-    RCPT,
-    SENDER,
-    SESSIONS,
-    SMTP_SOURCE,
-    free_port,
-    latency_run,
-    log,
-    percentile,
-    rss_mb,
-    tree_cpu_s,
-    wait_port,
-)
+from smtp import RCPT, SENDER, SESSIONS, SMTP_SOURCE, latency_run
 
-REPO = Path(__file__).resolve().parent.parent
-BIN = REPO / ".venv" / "bin"
 DOMAIN = RCPT.split("@", 1)[1]
 MSG_LEN = 4096
 BIG_MSG_LEN = 100 * 1024
@@ -132,7 +119,7 @@ class Node:
         logf.close()
         proc = self.proc
         if serves:
-            wait_port(self.port, 30, lambda: proc.poll() is None)
+            wait_greeting(self.port, b"220", 30, lambda: proc.poll() is None)
             return
         deadline = time.monotonic() + 30
         while not self.admin.answers():

@@ -15,23 +15,31 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
 import json
 import os
 import shutil
 import signal
-import socket
 import statistics
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-REPO = Path(__file__).resolve().parent.parent
-BIN = REPO / ".venv" / "bin"
+from common import (
+    BIN,
+    REPO,
+    free_port,
+    log,
+    percentile,
+    rss_mb,
+    tree_cpu_s,
+    tree_rss_mb,
+    wait_greeting,
+)
+
 SMTP_SOURCE = "/usr/sbin/smtp-source"
 POSTFIX = "/usr/sbin/postfix"
 DOMAIN = "bench.test"
@@ -39,7 +47,6 @@ RCPT = f"rcpt@{DOMAIN}"
 SENDER = "sender@example.org"
 SESSIONS = 10
 MSG_LEN = 4096
-CLK_TCK = os.sysconf("SC_CLK_TCK")
 TARGETS: dict[str, tuple[str, float]] = {"ratio": (">=", 1.0)}
 QUEUE_SUBDIRS = ("maildrop", "incoming", "active", "deferred", "hold", "corrupt")
 
@@ -54,84 +61,6 @@ class Plan:
 
 QUICK = Plan(quick=True, messages=500, warmup=100, rounds=3)
 FULL = Plan(quick=False, messages=2000, warmup=200, rounds=3)
-
-
-def log(msg: str) -> None:
-    print(msg, file=sys.stderr, flush=True)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
-
-
-def wait_port(port: int, timeout: float, alive: Callable[[], bool] = lambda: True) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if not alive():
-            raise RuntimeError(f"server for port {port} exited")
-        try:
-            with socket.create_connection(("127.0.0.1", port), timeout=1) as s:
-                if s.recv(512).startswith(b"220"):
-                    return
-        except OSError:
-            pass
-        time.sleep(0.1)
-    raise RuntimeError(f"nothing answers 220 on 127.0.0.1:{port}")
-
-
-# --- /proc accounting -----------------------------------------------------------------------
-
-
-def _stat_fields(pid: int) -> list[str] | None:
-    try:
-        raw = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return None
-    return raw[raw.rindex(")") + 2 :].split()  # fields from 3 (state) on
-
-
-def process_tree(root: int) -> list[int]:
-    children: dict[int, list[int]] = {}
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        f = _stat_fields(int(entry))
-        if f is not None:
-            children.setdefault(int(f[1]), []).append(int(entry))
-    out, todo = [], [root]
-    while todo:
-        pid = todo.pop()
-        out.append(pid)
-        todo.extend(children.get(pid, []))
-    return out
-
-
-def tree_cpu_s(root: int) -> float:
-    """utime+stime+cutime+cstime over the live tree: live CPU plus that of reaped children."""
-    ticks = 0
-    for pid in process_tree(root):
-        f = _stat_fields(pid)
-        if f is not None:
-            ticks += sum(int(x) for x in f[11:15])  # utime stime cutime cstime (fields 14-17)
-    return ticks / CLK_TCK
-
-
-def rss_mb(pid: int) -> float:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) / 1024
-    return float("nan")
-
-
-def tree_rss_mb(root: int) -> float:
-    total = 0.0
-    for pid in process_tree(root):
-        with contextlib.suppress(OSError):
-            total += rss_mb(pid)
-    return total
 
 
 # --- servers --------------------------------------------------------------------------------
@@ -169,7 +98,7 @@ class Mailharbor:
             stdin=subprocess.DEVNULL,
         )
         proc = self.proc
-        wait_port(self.port, 30, lambda: proc.poll() is None)
+        wait_greeting(self.port, b"220", 30, lambda: proc.poll() is None)
 
     @property
     def pid(self) -> int:
@@ -290,7 +219,7 @@ class Postfix:
         while not pidfile.exists() and time.monotonic() < deadline:
             time.sleep(0.05)
         self.master = int(pidfile.read_text().split()[0])
-        wait_port(self.port, 30)
+        wait_greeting(self.port, b"220", 30)
 
     def cpu_s(self) -> float:
         return tree_cpu_s(self.master)
@@ -395,11 +324,6 @@ async def _latency_run(port: int, messages: int) -> tuple[list[float], float]:
 
 def latency_run(port: int, messages: int) -> tuple[list[float], float]:
     return asyncio.run(_latency_run(port, messages))
-
-
-def percentile(xs: Sequence[float], q: float) -> float:
-    s = sorted(xs)
-    return s[min(len(s) - 1, max(0, round(q * (len(s) - 1))))]
 
 
 # --- the run --------------------------------------------------------------------------------
