@@ -63,6 +63,7 @@ import os
 import signal
 import ssl
 import time
+from collections.abc import Sequence
 from enum import Enum
 
 from mailharbor import __version__
@@ -226,6 +227,20 @@ def proxy_routes(config: Config) -> list[Route]:
             )
         routes.append(Route(local, peer, kinds[local]))
     return routes
+
+
+def _endpoints(plain: Sequence[str], implicit_tls: Sequence[str]) -> list[tuple[str, bool]]:
+    """A protocol's endpoints as (endpoint, implicit TLS?): the plain ones, then the TLS ones."""
+    return [(ep, False) for ep in plain] + [(ep, True) for ep in implicit_tls]
+
+
+async def _stop_all(listeners: Sequence[SmtpListener | Pop3Listener | ImapListener]) -> None:
+    """Stop ``listeners`` together, each with its protocol's grace period; a failure is
+    logged, the others still stop."""
+    results = await asyncio.gather(*(x.stop() for x in listeners), return_exceptions=True)
+    for x, r in zip(listeners, results, strict=True):
+        if isinstance(r, BaseException):
+            log.error("stopping %r failed: %s", x, r)
 
 
 class Node:
@@ -482,11 +497,7 @@ class Node:
         if not endpoints:
             return
         maillog.configure(self.config.log.mail_log)
-        tls = None
-        try:
-            tls = server_context(self.config.tls.cert, self.config.tls.key)
-        except (OSError, ssl.SSLError) as e:
-            log.warning("TLS certificate unusable, STARTTLS not offered: %s", e)
+        tls = self._server_tls(offered="STARTTLS", needed_by=[*cfg.submission, *cfg.submissions])
         authenticator = self._authenticator(store)
         hostname = self.config.node.hostname
         services = SmtpServices(
@@ -525,13 +536,7 @@ class Node:
         cfg = self.config.pop3
         if not cfg.listen and not cfg.listen_tls:
             return
-        tls = None
-        try:
-            tls = server_context(self.config.tls.cert, self.config.tls.key)
-        except (OSError, ssl.SSLError) as e:
-            if cfg.listen_tls:
-                raise
-            log.warning("TLS certificate unusable, STLS not offered: %s", e)
+        tls = self._server_tls(offered="STLS", needed_by=cfg.listen_tls)
         authenticator = self._authenticator(store)
         services = Pop3Services(
             store=store,
@@ -546,9 +551,7 @@ class Node:
             ),
             tls=tls,
         )
-        for ep, implicit in [(ep, False) for ep in cfg.listen] + [
-            (ep, True) for ep in cfg.listen_tls
-        ]:
+        for ep, implicit in _endpoints(cfg.listen, cfg.listen_tls):
             listener = Pop3Listener(ep, services, implicit_tls=implicit)
             await listener.start()
             self.pop3_listeners.append(listener)
@@ -558,13 +561,7 @@ class Node:
         cfg = self.config.imap
         if not cfg.listen and not cfg.listen_tls:
             return
-        tls = None
-        try:
-            tls = server_context(self.config.tls.cert, self.config.tls.key)
-        except (OSError, ssl.SSLError) as e:
-            if cfg.listen_tls:
-                raise
-            log.warning("TLS certificate unusable, IMAP STARTTLS not offered: %s", e)
+        tls = self._server_tls(offered="IMAP STARTTLS", needed_by=cfg.listen_tls)
         authenticator = self._authenticator(store)
         self.mailboxes = MailboxService(store)
         services = ImapServices(
@@ -584,19 +581,14 @@ class Node:
             ),
             tls=tls,
         )
-        for ep, implicit in [(ep, False) for ep in cfg.listen] + [
-            (ep, True) for ep in cfg.listen_tls
-        ]:
+        for ep, implicit in _endpoints(cfg.listen, cfg.listen_tls):
             listener = ImapListener(ep, services, implicit_tls=implicit)
             await listener.start()
             self.imap_listeners.append(listener)
 
     async def _stop_imap(self) -> None:
         listeners, self.imap_listeners = self.imap_listeners, []
-        results = await asyncio.gather(*(x.stop() for x in listeners), return_exceptions=True)
-        for x, r in zip(listeners, results, strict=True):
-            if isinstance(r, BaseException):
-                log.error("stopping %r failed: %s", x, r)
+        await _stop_all(listeners)
         if self.mailboxes is not None:
             mailboxes, self.mailboxes = self.mailboxes, None
             try:
@@ -606,10 +598,28 @@ class Node:
 
     async def _stop_pop3(self) -> None:
         listeners, self.pop3_listeners = self.pop3_listeners, []
-        results = await asyncio.gather(*(x.stop() for x in listeners), return_exceptions=True)
-        for x, r in zip(listeners, results, strict=True):
-            if isinstance(r, BaseException):
-                log.error("stopping %r failed: %s", x, r)
+        await _stop_all(listeners)
+
+    def _server_tls(self, *, offered: str, needed_by: Sequence[str] = ()) -> ssl.SSLContext | None:
+        """The node's TLS server context (``[tls]``). A certificate that cannot be loaded is
+        fatal (ConfigError, one clear line) when endpoints that cannot work without TLS are
+        configured (``needed_by``: implicit TLS, or submission, where AUTH needs STARTTLS);
+        otherwise it is logged and ``offered`` (STARTTLS, STLS) is not offered."""
+        cert, key = self.config.tls.cert, self.config.tls.key
+        try:
+            return server_context(cert, key)
+        except (OSError, ssl.SSLError) as e:
+            why = (e.strerror if isinstance(e, OSError) else e.reason) or str(e)
+            if needed_by:
+                raise ConfigError(
+                    "tls.cert",
+                    f"{cert} / key {key} cannot be loaded ({why}); the endpoints "
+                    f"{', '.join(needed_by)} need TLS",
+                ) from None
+            log.warning(
+                "TLS certificate %s / key %s unusable (%s): %s not offered", cert, key, why, offered
+            )
+            return None
 
     def _authenticator(self, store: Store) -> Authenticator:
         """The node's one password checker, shared by the SMTP, POP3 and IMAP listeners (so the
@@ -629,10 +639,7 @@ class Node:
 
     async def _stop_listeners(self) -> None:
         listeners, self.listeners = self.listeners, []
-        results = await asyncio.gather(*(x.stop() for x in listeners), return_exceptions=True)
-        for x, r in zip(listeners, results, strict=True):
-            if isinstance(r, BaseException):
-                log.error("stopping %r failed: %s", x, r)
+        await _stop_all(listeners)
         if self.authenticator is not None:
             self.authenticator.close()
             self.authenticator = None
