@@ -14,65 +14,38 @@ import shutil
 import time
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import pytest
 
 from fault.disks import small_tmpfs
-from servenode import ServeNode, free_port
-from test_repl_nodes import PASSWORD, USER, in_sync, send, status, wait_for
+from test_repl_nodes import Pair, in_sync, send, status, wait_for
 
 
-class DetachPair:
-    def __init__(self, tag: str, fencing: str, b_data: Path) -> None:
-        secret = secrets.token_hex(16)
-        self.repl = {"a": free_port(), "b": free_port()}
-        self.smtp = {"a": free_port(), "b": free_port()}
-        self.pop3 = {"a": free_port(), "b": free_port()}
-        self.nodes: dict[str, ServeNode] = {}
-        for me, peer, role in (("a", "b", "primary"), ("b", "a", "secondary")):
-            settings: dict[str, dict[str, Any]] = {
-                "smtp": {"mx": [f"127.0.0.1:{self.smtp[me]}"]},
-                "pop3": {"listen": [f"127.0.0.1:{self.pop3[me]}"], "allow_plaintext_auth": True},
-                "store": {"segment_bytes": "1MiB", "chunk_bytes": "64KiB"},
-                "replication": {
-                    "peer": f"127.0.0.1:{self.repl[peer]}",
-                    "listen": f"127.0.0.1:{self.repl[me]}",
-                    "secret": secret,
-                    "role": role,
-                    "fencing": fencing,
-                    "ping_interval": "300ms",
-                    "ping_timeout": "1s",
-                    "ack_timeout": "3s",
-                },
-            }
-            self.nodes[me] = ServeNode(f"detach-{tag}-{me}", settings)
-        self.a.cli("domain", "add", "example.org")
-        self.a.add_account(USER, PASSWORD)
-        # B's data directory on the small file system
-        data = self.b.root / "data"
-        for p in data.iterdir():
-            dst = b_data / p.name
-            if p.is_dir():
-                shutil.copytree(p, dst)
-            else:
-                shutil.copy2(p, dst)
-        shutil.rmtree(data)
-        data.symlink_to(b_data)
-
-    @property
-    def a(self) -> ServeNode:
-        return self.nodes["a"]
-
-    @property
-    def b(self) -> ServeNode:
-        return self.nodes["b"]
+def detach_pair(tag: str, fencing: str, b_data: Path) -> Pair:
+    """A pair with small segments whose B keeps its data directory on ``b_data`` (a small
+    file system)."""
+    p = Pair(
+        tag,
+        replication={"fencing": fencing},
+        store={"segment_bytes": "1MiB", "chunk_bytes": "64KiB"},
+        prefix="detach-",
+    )
+    data = p.b.root / "data"
+    for f in data.iterdir():
+        dst = b_data / f.name
+        if f.is_dir():
+            shutil.copytree(f, dst)
+        else:
+            shutil.copy2(f, dst)
+    shutil.rmtree(data)
+    data.symlink_to(b_data)
+    return p
 
 
 @pytest.fixture(params=["dont-care", "resource-only"])
-def dpair(request: pytest.FixtureRequest) -> Iterator[DetachPair]:
+def dpair(request: pytest.FixtureRequest) -> Iterator[Pair]:
     with small_tmpfs(3 * 1024 * 1024) as mnt:
-        p = DetachPair(secrets.token_hex(3), str(request.param), mnt)
+        p = detach_pair(secrets.token_hex(3), str(request.param), mnt)
         try:
             yield p
             for name, n in p.nodes.items():  # shown only when the test failed
@@ -84,7 +57,7 @@ def dpair(request: pytest.FixtureRequest) -> Iterator[DetachPair]:
 
 @pytest.mark.slow
 def test_a_full_disk_detaches_the_secondary_and_the_primary_follows_its_fencing(
-    dpair: DetachPair,
+    dpair: Pair,
 ) -> None:
     a, b = dpair.a, dpair.b
     fencing = str(status_setting(dpair))
@@ -120,6 +93,6 @@ def test_a_full_disk_detaches_the_secondary_and_the_primary_follows_its_fencing(
     assert r.returncode != 0 and "Diskless" in r.stderr
 
 
-def status_setting(p: DetachPair) -> str:
+def status_setting(p: Pair) -> str:
     text = p.a.config.read_text()
     return "resource-only" if 'fencing = "resource-only"' in text else "dont-care"

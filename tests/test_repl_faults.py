@@ -56,11 +56,12 @@ from acceptance.rig import USER as RIG_USER
 from fault.disks import unavailable
 from mailharbor.admin.client import AdminClient, AdminClientError, NodeNotRunning
 from mailharbor.admin.protocol import RequestError
-from servenode import MAILHARBOR, ServeNode, free_port
+from servenode import MAILHARBOR
 from test_repl_nodes import (
     PASSWORD,
     USER,
     Load,
+    Pair,
     in_sync,
     message,
     pop3_message_ids,
@@ -135,57 +136,7 @@ class Freezer:
         self.dir.rmdir()
 
 
-# --- a pair on loopback with IMAP too -------------------------------------------------------------
-
-
-class FaultPair:
-    """Nodes a (primary) and b (secondary) on loopback: SMTP, POP3 and IMAP ports each."""
-
-    def __init__(self, tag: str, replication: dict[str, Any]) -> None:
-        secret = secrets.token_hex(16)
-        self.repl = {"a": free_port(), "b": free_port()}
-        self.smtp = {"a": free_port(), "b": free_port()}
-        self.pop3 = {"a": free_port(), "b": free_port()}
-        self.imap = {"a": free_port(), "b": free_port()}
-        self.nodes: dict[str, ServeNode] = {}
-        for me, peer, role in (("a", "b", "primary"), ("b", "a", "secondary")):
-            settings: dict[str, dict[str, Any]] = {
-                "smtp": {"mx": [f"127.0.0.1:{self.smtp[me]}"]},
-                "pop3": {"listen": [f"127.0.0.1:{self.pop3[me]}"], "allow_plaintext_auth": True},
-                "imap": {"listen": [f"127.0.0.1:{self.imap[me]}"], "allow_plaintext_auth": True},
-                "replication": {
-                    "peer": f"127.0.0.1:{self.repl[peer]}",
-                    "listen": f"127.0.0.1:{self.repl[me]}",
-                    "secret": secret,
-                    "role": role,
-                    "protocol": "C",
-                    **replication,
-                },
-            }
-            self.nodes[me] = ServeNode(f"{RUN_PREFIX}{tag}-{me}", settings)
-        self.a.cli("domain", "add", "example.org")
-        self.a.add_account(USER, PASSWORD)
-
-    @property
-    def a(self) -> ServeNode:
-        return self.nodes["a"]
-
-    @property
-    def b(self) -> ServeNode:
-        return self.nodes["b"]
-
-    def start(self) -> None:
-        self.a.start()
-        self.b.start(wait_ports=False)
-        wait_for(lambda: in_sync(self.a, self.b), 20, "b in sync with a")
-
-    def dump(self) -> None:
-        for name, n in self.nodes.items():
-            print(f"=== log of {name}\n{n.log[-8000:]}")
-
-    def cleanup(self) -> None:
-        for n in self.nodes.values():
-            n.cleanup()
+# --- a pair on loopback with IMAP too (test_repl_nodes.Pair) ------------------------------------
 
 
 def _tag(request: pytest.FixtureRequest) -> str:
@@ -202,14 +153,16 @@ ACK_TIMEOUT = 2.0
 def test_frozen_secondary_never_makes_protocol_c_acknowledge_early(
     request: pytest.FixtureRequest,
 ) -> None:
-    pair = FaultPair(
+    pair = Pair(
         _tag(request),
-        {
+        replication={
             "fencing": "dont-care",
             "ping_interval": "500ms",
             "ping_timeout": "4s",  # the ack timeout, not the pings, drops the frozen peer
             "ack_timeout": f"{ACK_TIMEOUT}s",
         },
+        imap=True,
+        prefix=RUN_PREFIX,
     )
     freezer: Freezer | None = None
     try:
@@ -549,10 +502,7 @@ def test_primary_killed_under_smtp_and_imap_load(request: pytest.FixtureRequest)
     print(f"kill -9 test seed: {seed}")
     sys.stdout.flush()
     rng = random.Random(seed)
-    pair = FaultPair(
-        _tag(request),
-        {"ping_interval": "300ms", "ping_timeout": "1s", "ack_timeout": "3s"},
-    )
+    pair = Pair(_tag(request), imap=True, prefix=RUN_PREFIX)
     try:
         pair.start()
         with (

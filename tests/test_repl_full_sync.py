@@ -14,7 +14,6 @@ import poplib
 import re
 import secrets
 from collections.abc import Iterator
-from typing import Any
 
 import pytest
 
@@ -22,6 +21,7 @@ from servenode import ServeNode, free_port
 from test_repl_nodes import (
     PASSWORD,
     USER,
+    Pair,
     in_sync,
     pop3_message_ids,
     print_logs,
@@ -31,45 +31,16 @@ from test_repl_nodes import (
 )
 
 
-class FullSyncPair:
-    def __init__(self, tag: str) -> None:
-        secret = secrets.token_hex(16)
-        self.repl = {"a": free_port(), "b": free_port()}
-        self.smtp = {"a": free_port(), "b": free_port()}
-        self.pop3 = {"a": free_port(), "b": free_port()}
-        self.nodes: dict[str, ServeNode] = {}
-        for me, peer, role in (("a", "b", "primary"), ("b", "a", "secondary")):
-            settings: dict[str, dict[str, Any]] = {
-                "smtp": {"mx": [f"127.0.0.1:{self.smtp[me]}"]},
-                "pop3": {"listen": [f"127.0.0.1:{self.pop3[me]}"], "allow_plaintext_auth": True},
-                "store": {"segment_bytes": "1MiB", "chunk_bytes": "64KiB"},
-                "replication": {
-                    "peer": f"127.0.0.1:{self.repl[peer]}",
-                    "listen": f"127.0.0.1:{self.repl[me]}",
-                    "secret": secret,
-                    "role": role,
-                    "ping_interval": "300ms",
-                    "ping_timeout": "1s",
-                    "ack_timeout": "3s",
-                    "retain_bytes": "1",
-                },
-            }
-            self.nodes[me] = ServeNode(f"fullsync-{tag}-{me}", settings)
-        self.a.cli("domain", "add", "example.org")
-        self.a.add_account(USER, PASSWORD)
-
-    @property
-    def a(self) -> ServeNode:
-        return self.nodes["a"]
-
-    @property
-    def b(self) -> ServeNode:
-        return self.nodes["b"]
-
-
 @pytest.fixture
-def fpair() -> Iterator[FullSyncPair]:
-    p = FullSyncPair(secrets.token_hex(3))
+def fpair() -> Iterator[Pair]:
+    """A pair with small segments that keeps no log for its peer (``retain_bytes`` 1): a
+    secondary that falls behind needs a full sync."""
+    p = Pair(
+        secrets.token_hex(3),
+        replication={"retain_bytes": "1"},
+        store={"segment_bytes": "1MiB", "chunk_bytes": "64KiB"},
+        prefix="fullsync-",
+    )
     try:
         yield p
         print_logs(p.nodes, 12000)  # shown for a failed test
@@ -91,7 +62,7 @@ def _delete_all(port: int) -> None:
 
 @pytest.mark.slow
 def test_behind_the_horizon_full_sync_then_invalidate_then_failover(
-    fpair: FullSyncPair,
+    fpair: Pair,
 ) -> None:
     a, b = fpair.a, fpair.b
     a.start()

@@ -35,7 +35,8 @@ USER = "u@example.org"
 
 
 class Pair:
-    """Nodes A (primary at first start) and B (secondary), one SMTP and one POP3 port each."""
+    """Nodes A (primary at first start) and B (secondary), one SMTP and one POP3 port each
+    (and one IMAP port with ``imap``). The other repl test files build their pairs with it."""
 
     def __init__(
         self,
@@ -47,14 +48,18 @@ class Pair:
         store: dict[str, Any] | None = None,
         peer_ports: dict[str, int] | None = None,
         replication_by_node: dict[str, dict[str, Any]] | None = None,
+        imap: bool = False,
+        prefix: str = "repl-",
     ) -> None:
         """``peer_ports``: the port each node connects to for its peer (e.g. a forwarder's),
         instead of the peer's replication listener; ``replication_by_node``: settings of one
-        node's ``[replication]`` (by "a" / "b"), after ``replication``."""
+        node's ``[replication]`` (by "a" / "b"), after ``replication``; ``prefix``: of the
+        nodes' directory names (``{prefix}{tag}-a``)."""
         secret = secrets.token_hex(16)
         self.repl = {"a": free_port(), "b": free_port()}
         self.smtp = {"a": free_port(), "b": free_port()}
         self.pop3 = {"a": free_port(), "b": free_port()}
+        self.imap = {"a": free_port(), "b": free_port()} if imap else {}
         self.nodes: dict[str, ServeNode] = {}
         for me, peer, role in (("a", "b", "primary"), ("b", "a", "secondary")):
             settings: dict[str, dict[str, Any]] = {
@@ -75,7 +80,10 @@ class Pair:
             }
             if store:
                 settings["store"] = dict(store)
-            self.nodes[me] = ServeNode(f"repl-{tag}-{me}", settings)
+            if imap:
+                listen = [f"127.0.0.1:{self.imap[me]}"]
+                settings["imap"] = {"listen": listen, "allow_plaintext_auth": True}
+            self.nodes[me] = ServeNode(f"{prefix}{tag}-{me}", settings)
         self.a.cli("domain", "add", "example.org")
         self.a.add_account(USER, PASSWORD)
 
@@ -91,6 +99,9 @@ class Pair:
         self.a.start()
         self.b.start(wait_ports=False)
         wait_for(lambda: in_sync(self.a, self.b), 20, "B in sync with A")
+
+    def dump(self, tail: int = 8000) -> None:
+        print_logs(self.nodes, tail)
 
     def cleanup(self) -> None:
         for n in self.nodes.values():
