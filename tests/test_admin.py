@@ -552,3 +552,30 @@ def test_repl_role_commands_are_refused_when_a_cluster_manager_runs(tmp_path: Pa
             store.close()
 
     asyncio.run(go())
+
+
+def test_an_offline_queue_command_loads_neither_replication_nor_the_queue_runner() -> None:
+    """`mailharbor queue list` on a stopped node runs the admin handler in the CLI's process:
+    it must not pay for the replication package or the queue runner's SMTP client and DNS
+    resolver (the queue commands use service.queue_admin, which needs the store only)."""
+    import subprocess
+
+    base = Path(tempfile.mkdtemp(prefix="offline-queue-"))
+    try:
+        cli = Path(sys.executable).parent / "mailharbor"
+        subprocess.run([str(cli), "init", str(base / "n")], check=True, capture_output=True)
+        code = "from mailharbor.cli.main import main; raise SystemExit(main())"
+        argv = ["queue", "list", "--config", str(base / "n" / "mailharbor.toml")]
+        r = subprocess.run(
+            [sys.executable, "-X", "importtime", "-c", code, *argv],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        assert r.returncode == 0, r.stderr[-2000:]
+        imported = {line.rsplit("|", 1)[-1].strip() for line in r.stderr.splitlines()}
+        heavy = {"aiosmtplib", "dns.resolver", "mailharbor.repl", "mailharbor.service.queue"}
+        assert "mailharbor.service.queue_admin" in imported  # the command did run
+        assert not heavy & imported, sorted(heavy & imported)
+    finally:
+        shutil.rmtree(base, ignore_errors=True)

@@ -18,7 +18,8 @@ import pytest
 from mailharbor.proto.smtp import RcptParams
 from mailharbor.service.delivery import Envelope, LocalDelivery, Recipient, Session
 from mailharbor.service.dsn import DsnRecipient, build_dsn
-from mailharbor.service.queue import Outcome, OutcomeKind, QueueParams, QueueRunner, entry_view
+from mailharbor.service.queue import Outcome, OutcomeKind, QueueParams, QueueRunner
+from mailharbor.service.queue_admin import entry_view
 from mailharbor.store import Store, StoreOptions
 from mailharbor.store.format import QueueResult
 from mailharbor.store.index import LEGACY_WARNED_MARK

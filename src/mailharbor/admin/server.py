@@ -38,6 +38,7 @@ import os
 import socket
 import stat
 import struct
+import time
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -53,6 +54,7 @@ from mailharbor.admin.protocol import (
     encode_response,
     one_line,
 )
+from mailharbor.service import queue_admin
 from mailharbor.service.auth import hash_password
 from mailharbor.store import (
     AlreadyExists,
@@ -72,10 +74,10 @@ __all__ = [
     "execute",
 ]
 
-# mailharbor.repl.role and mailharbor.service.queue are imported by the handlers that use them:
-# a CLI command run offline (mailharbor.offline.run_offline) loads this module, and the replication
-# package and the queue's SMTP client and DNS resolver have nothing to do with it. (RoleError only
-# comes from ``ctx.repl``, whose replicator imported it.)
+# mailharbor.repl.role is imported by the handlers that use it: a CLI command run offline
+# (mailharbor.offline.run_offline) loads this module, and the replication package has nothing to
+# do with it. (RoleError only comes from ``ctx.repl``, whose replicator imported it.) The queue
+# commands use mailharbor.service.queue_admin, which needs the store only.
 
 log = logging.getLogger("mailharbor.admin")
 
@@ -412,42 +414,35 @@ async def _store_compact(ctx: AdminContext, args: Mapping[str, object]) -> objec
     return dataclasses.asdict(report)
 
 
-async def _queue_list(ctx: AdminContext, args: Mapping[str, object]) -> object:
-    from mailharbor.service import queue as queue_service
+def _wall_ms() -> int:
+    """Wall-clock milliseconds (queue times are wall-clock, like the store's ``created_ms``)."""
+    return int(time.time() * 1000)
 
+
+async def _queue_list(ctx: AdminContext, args: Mapping[str, object]) -> object:
     entries = sorted(ctx.store.index.queue.values(), key=lambda q: (q.created_ms, q.guid))
-    return [queue_service.entry_view(q, ctx.store) for q in entries]
+    return [queue_admin.entry_view(q, ctx.store) for q in entries]
 
 
 async def _queue_show(ctx: AdminContext, args: Mapping[str, object]) -> object:
-    from mailharbor.service import queue as queue_service
-
-    return queue_service.entry_view(
-        queue_service.find_entry(ctx.store, _str(args, "id")), ctx.store
-    )
+    return queue_admin.entry_view(queue_admin.find_entry(ctx.store, _str(args, "id")), ctx.store)
 
 
 async def _queue_retry(ctx: AdminContext, args: Mapping[str, object]) -> object:
-    from mailharbor.service import queue as queue_service
-
-    q = queue_service.find_entry(ctx.store, _str(args, "id"))
-    n = await queue_service.retry_entries(ctx.store, [q], queue_service.SystemClock().now_ms())
+    q = queue_admin.find_entry(ctx.store, _str(args, "id"))
+    n = await queue_admin.retry_entries(ctx.store, [q], _wall_ms())
     return {"id": q.guid.hex(), "rescheduled": n}
 
 
 async def _queue_delete(ctx: AdminContext, args: Mapping[str, object]) -> object:
-    from mailharbor.service import queue as queue_service
-
-    q = queue_service.find_entry(ctx.store, _str(args, "id"))
-    n = await queue_service.delete_entry(ctx.store, q)
+    q = queue_admin.find_entry(ctx.store, _str(args, "id"))
+    n = await queue_admin.delete_entry(ctx.store, q)
     return {"id": q.guid.hex(), "recipients": n}
 
 
 async def _queue_flush(ctx: AdminContext, args: Mapping[str, object]) -> object:
-    from mailharbor.service import queue as queue_service
-
     entries = list(ctx.store.index.queue.values())
-    n = await queue_service.retry_entries(ctx.store, entries, queue_service.SystemClock().now_ms())
+    n = await queue_admin.retry_entries(ctx.store, entries, _wall_ms())
     return {"rescheduled": n, "entries": len(entries)}
 
 
