@@ -1,5 +1,6 @@
 """Delay on the replication link: a userspace TCP forwarder between the two nodes (tc netem is
-not available here) holds every byte for ``DELAY`` seconds in each direction.
+not available here) holds every byte for ``DELAY`` seconds in each direction. (The forwarder
+can also cut the link: test_repl_fencing uses it with no delay.)
 
 Both nodes reach their peer only through a forwarder (each node's ``replication.peer`` is a
 forwarder's port), so whichever connection the pair keeps is delayed. In protocol C a ``250``
@@ -39,6 +40,7 @@ class DelayForwarder:
         self.port = free_port()
         self.upstream = 0
         self.connections = 0
+        self.refusing = False  # cut(): connections are dropped and new ones closed at once
         self._loop = asyncio.new_event_loop()
         self._ready = threading.Event()
         self._server: asyncio.Server | None = None
@@ -56,6 +58,9 @@ class DelayForwarder:
         self._loop.run_forever()
 
     async def _accept(self, r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+        if self.refusing:
+            w.close()
+            return
         try:
             ur, uw = await asyncio.open_connection("127.0.0.1", self.upstream)
         except OSError:
@@ -94,6 +99,19 @@ class DelayForwarder:
         except (OSError, asyncio.CancelledError):
             wt.cancel()
             dst.close()
+
+    def cut(self) -> None:
+        """Drop every forwarded connection and close new ones at once, until :meth:`heal`."""
+
+        async def drop() -> None:
+            self.refusing = True
+            for t in list(self._tasks):
+                t.cancel()
+
+        asyncio.run_coroutine_threadsafe(drop(), self._loop).result(10)
+
+    def heal(self) -> None:
+        self.refusing = False
 
     def close(self) -> None:
         async def stop() -> None:

@@ -5,6 +5,10 @@ killed with SIGKILL: A's link drops, its barrier freezes, and from then on a new
 transaction gets ``451 4.3.0`` within a second or two (not a client timeout), and the message
 is not stored. ``repl resume-io`` (the operator states B is fenced) resumes writes: the next
 message gets its ``250`` and is the only new one in the mailbox.
+
+When B stays alive and only the replication link is cut (a forwarder between the nodes), A
+freezes the same way; once the link is back and B has synced everything, A's writes resume by
+themselves, each waiting for B again.
 """
 
 from __future__ import annotations
@@ -16,7 +20,8 @@ from collections.abc import Iterator
 
 import pytest
 
-from test_repl_nodes import USER, Pair, message, pop3_message_ids, status, wait_for
+from test_repl_delay import DelayForwarder
+from test_repl_nodes import USER, Pair, in_sync, message, pop3_message_ids, status, wait_for
 
 
 @pytest.fixture
@@ -65,3 +70,43 @@ def test_frozen_writes_fail_fast_until_resume_io(stonith_pair: Pair) -> None:
     assert code == 250
     ids = pop3_message_ids(p.pop3["a"])
     assert sorted(ids) == ["after@fence.test", "before@fence.test"], ids
+
+
+def test_a_cut_link_freezes_writes_until_the_live_peer_is_back_in_sync(
+    request: pytest.FixtureRequest,
+) -> None:
+    tag = request.node.name.replace("_", "")[-16:] + secrets.token_hex(2)
+    to_b, to_a = DelayForwarder(0.0), DelayForwarder(0.0)
+    p = Pair(
+        tag,
+        replication={"fencing": "resource-and-stonith"},
+        peer_ports={"a": to_b.port, "b": to_a.port},
+    )
+    to_b.upstream, to_a.upstream = p.repl["b"], p.repl["a"]
+    try:
+        p.start()
+        assert smtp_reply(p.smtp["a"], "before@cut.test")[0] == 250
+        to_b.cut()
+        to_a.cut()
+        wait_for(lambda: status(p.a)["frozen"], 10, "A's writes frozen by the cut")
+        code, text, _ = smtp_reply(p.smtp["a"], "cut@cut.test")
+        assert code == 451 and "replication peer lost" in text, (code, text)
+        assert status(p.b)["role"] == "Secondary"  # alive all along, never promoted
+        to_b.heal()
+        to_a.heal()
+        wait_for(lambda: in_sync(p.a, p.b), 30, "B back in sync")
+        wait_for(lambda: not status(p.a)["frozen"], 10, "A's writes resumed by themselves")
+        assert "the peer is back in sync: frozen writes resume" in p.a.log
+        assert smtp_reply(p.smtp["a"], "after@cut.test")[0] == 250
+        # The 250 waited for B (protocol C): B holds it as soon as A answered.
+        st_a, st_b = status(p.a), status(p.b)
+        assert st_a["peer_durable_lsn"] == st_a["last_lsn"] <= st_b["durable_lsn"], (st_a, st_b)
+        ids = pop3_message_ids(p.pop3["a"])
+        assert sorted(ids) == ["after@cut.test", "before@cut.test"], ids
+    except BaseException:
+        p.dump()
+        raise
+    finally:
+        p.cleanup()
+        to_b.close()
+        to_a.close()

@@ -26,7 +26,8 @@ Theory of operation
   range, then flips the role.
 * **Frozen writes fail fast.** While fencing holds writes (``resource-only`` until the peer is
   Outdated, ``resource-and-stonith`` until it is fenced: :meth:`Replicator.peer_fenced` or
-  ``repl resume-io``), ``store.freeze_writes`` refuses new local writes and fails the held
+  ``repl resume-io``; either until the peer is back in sync, when every write waits for it
+  again), ``store.freeze_writes`` refuses new local writes and fails the held
   commits with ``WritesFrozen`` (SMTP ``451 4.3.0``, IMAP ``NO [UNAVAILABLE]``, POP3 ``-ERR
   [SYS/TEMP]``; nothing acknowledged); ``thaw_writes`` comes before the barrier resumes.
 * **Replication metadata** (the history with mirrored ranges, the disk state, the role) is
@@ -1909,6 +1910,15 @@ class Replicator:
             first_live,
             self.settings.protocol.value,
         )
+        if self._hold:
+            # Frozen by fencing after a link loss, and the peer came back and synced
+            # everything (DRBD: resumed once the situation is resolved). Every write waits for
+            # the peer again (the barrier is in PEER mode): nothing is released without it, so
+            # no fencing policy needs more. The barrier is not resumed alone.
+            log.info("replication: the peer is back in sync: frozen writes resume")
+            self._hold = ""
+            self.frozen_since = None
+            self.store.thaw_writes()
 
     def _on_link_lost(self, link: _Link, reason: str) -> None:
         was_active = link is self._active
