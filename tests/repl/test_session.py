@@ -517,6 +517,26 @@ def test_a_link_in_sync_counts_the_peer_as_holding_the_common_records() -> None:
     assert link2.a.session.peer_durable == 20 and link2.b.log == link2.a.log
 
 
+def test_a_secondary_promoted_on_an_in_sync_link_counts_the_common_records_as_held() -> None:
+    """Two up-to-date secondaries with the same 9 records link up (in sync, nobody sends);
+    one is then promoted on that link. Before any new frame, its `peer_durable` already
+    covers the common records: `repl status` shows no lag and the pair counts as in sync."""
+    va = view(A, (gen(1, 1, A),), 9, SEC)
+    vb = view(B, (gen(1, 1, A),), 9, SEC)
+    link = pair(va, log_of(9), vb, log_of(9))
+    link.start()
+    a = link.a
+    (dec,) = a.of(S.Decision)
+    assert dec.outcome.action is Action.IN_SYNC
+    a.view = dataclasses.replace(a.view, role=P, history=(gen(1, 1, A), gen(2, 10, A)))
+    a.session.update_local(a.view)
+    link.pump()
+    assert a.session.peer_durable == a.session.peer_received == 9
+    a.append_as_primary(2, 1)
+    link.pump()
+    assert a.session.peer_durable == len(a.log) > 9 and link.b.log == a.log
+
+
 def test_target_is_uptodate_only_once_it_holds_the_frames_appended_during_the_resync() -> None:
     # A two-node primary acknowledges frames appended during a resync without the target while
     # the target is Inconsistent (docs/cluster.md, "A live peer that cannot be promoted"):

@@ -1020,10 +1020,12 @@ class ReplSession:
         if o.action is Action.SYNC_TARGET and self.disk is not DiskState.INCONSISTENT:
             self.disk = DiskState.INCONSISTENT
             self._events.append(DiskChanged(DiskState.INCONSISTENT))
-        if self._sends_log(o):
+        if o.action in (Action.SYNC_SOURCE, Action.IN_SYNC):
             # The peer's STATE says it holds our records up to the divergence point: what it
             # confirmed before this link (status lag, the primary's drain at stop and the
-            # retention horizon count from there, not from 0 until the next ack).
+            # retention horizon count from there, not from 0 until the next ack). Counted by a
+            # secondary in sync too: promoted on this link, it owes the peer nothing before
+            # its first new frame.
             held = min(o.divergence_lsn, self.peer.last_lsn)
             self.peer_received = max(self.peer_received, held)
             self.peer_durable = max(self.peer_durable, held)
