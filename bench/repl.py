@@ -4,12 +4,26 @@ Run from the repository root as root (see bench/README.md, section bench/repl.py
 
     python bench/repl.py [--quick] [--keep]
 
-Part 1, A/B/A/B in one run (5 rounds quick, 7 full): bench/smtp.py's load (Postfix's
-`smtp-source`, 10 sessions, 4 KiB messages to one local recipient; then the asyncio latency
-client of bench/smtp.py) against (A) a node with no peer configured and (B) a primary
+Part 1, A and B alternated in one run (5 rounds quick, 7 full): bench/smtp.py's load
+(Postfix's `smtp-source`, 10 sessions, 4 KiB messages to one local recipient; then the asyncio
+latency client of bench/smtp.py) against (A) a node with no peer configured and (B) a primary
 replicating in protocol C to a secondary on the same machine. CPU of every `mailharbor serve`
-process from /proc. `ratio` is the median of the rounds' B/A ratios (a round's two turns run
-back to back, so the drift of a shared machine between rounds cancels out).
+process from /proc. A round sends each side its messages in two halves, in the order A, B, B,
+A, and its B/A ratio is the ratio of the summed smtp-source times; `ratio` is the median of
+the rounds' ratios. The halves run back to back and in mirrored order, so the drift of a shared
+machine, between rounds and within one, cancels out.
+
+Placement. Every round runs its A/B pair twice: *pinned* — the node under test (the standalone
+node in A, the primary in B) alone on the first CPU, everything else (the secondary,
+smtp-source, the latency client) on the others, the same in both turns — and *unpinned*, all
+processes free on every CPU (throughput only). `ratio` comes from the pinned pairs and
+`ratio_unpinned` from the others; the order of the two alternates between rounds. On a
+two-CPU machine, unpinned, the secondary and smtp-source keep landing on the primary's CPU and
+preempting it (its run time per message grows by about a quarter; a standalone node, with
+only smtp-source beside it, keeps a CPU to itself): that measures the co-located peer taking
+the primary's core, which a peer on its own machine does not. Pinned, both turns give the node
+under test the same one CPU and its load and peer the rest. With a single CPU nothing is pinned
+and `ratio` is the unpinned figure (`placement` in the JSON says which).
 
 Part 2: the secondary is stopped, the primary takes 500 MB (100 MB quick) of 100 KiB messages
 over SMTP, a sequential write+fsync of a file of the same size measures the disk, then the
@@ -21,6 +35,7 @@ Human lines first; the last line of stdout is one JSON object.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import json
 import os
@@ -201,27 +216,82 @@ def smtp_source(port: int, messages: int, length: int) -> float:
     return wall
 
 
-def measure(target: Node, procs: Sequence[Node], plan: Plan, peer: Node | None) -> dict[str, float]:
-    """One A or B turn: smtp-source (throughput, CPU), then the latency client."""
-    n = plan.messages
-    if peer is not None:
-        wait_sync(target, peer, 30)
-    c0 = [p.cpu_s() for p in procs]
-    wall = smtp_source(target.port, n, MSG_LEN)
-    if peer is not None:
-        wait_sync(target, peer, 30)  # the secondary's apply work for these messages is in
-    cpu = [p.cpu_s() - c for p, c in zip(procs, c0, strict=True)]
-    lat, lat_wall = latency_run(target.port, n)
-    out = {
-        "msgs_per_s": n / wall,
-        "cpu_ms_per_msg": cpu[0] * 1000 / n,
-        "p50_ms": percentile(lat, 0.5) * 1000,
-        "p99_ms": percentile(lat, 0.99) * 1000,
-        "latency_client_msgs_per_s": n / lat_wall,
-    }
-    if len(cpu) > 1:
-        out["secondary_cpu_ms_per_msg"] = cpu[1] * 1000 / n
-    return out
+@dataclass(slots=True)
+class Turn:
+    """One side's share of a round: smtp-source wall time and CPU of its processes, summed over
+    its chunks."""
+
+    procs: tuple[Node, ...]
+    peer: Node | None
+    messages: int = 0
+    wall: float = 0.0
+    cpu: list[float] = dataclasses.field(default_factory=list)
+
+    def chunk(self, n: int) -> None:
+        """smtp-source with ``n`` messages; the secondary's apply work for them is counted."""
+        target = self.procs[0]
+        if self.peer is not None:
+            wait_sync(target, self.peer, 30)
+        c0 = [p.cpu_s() for p in self.procs]
+        self.wall += smtp_source(target.port, n, MSG_LEN)
+        if self.peer is not None:
+            wait_sync(target, self.peer, 30)
+        used = [p.cpu_s() - c for p, c in zip(self.procs, c0, strict=True)]
+        self.cpu = [a + b for a, b in zip(self.cpu, used, strict=True)] if self.cpu else used
+        self.messages += n
+
+    def result(self, latency: bool) -> dict[str, float]:
+        """Throughput and CPU per message; with ``latency``, a latency client run as well."""
+        n = self.messages
+        out = {"msgs_per_s": n / self.wall, "cpu_ms_per_msg": self.cpu[0] * 1000 / n}
+        if len(self.cpu) > 1:
+            out["secondary_cpu_ms_per_msg"] = self.cpu[1] * 1000 / n
+        if latency:
+            lat, lat_wall = latency_run(self.procs[0].port, n)
+            out["p50_ms"] = percentile(lat, 0.5) * 1000
+            out["p99_ms"] = percentile(lat, 0.99) * 1000
+            out["latency_client_msgs_per_s"] = n / lat_wall
+        return out
+
+
+class Placement:
+    """CPU affinity for the pinned turns: the node under test on the first CPU, the rest of the
+    run (other nodes, this process and so smtp-source, which it starts) on the others. Applied
+    to every thread of a process; threads started later inherit it from the one starting them.
+    ``possible`` is False on a single CPU: then nothing is ever pinned."""
+
+    def __init__(self) -> None:
+        self.all = set(os.sched_getaffinity(0))
+        first = min(self.all)
+        self.node = {first}
+        self.rest = self.all - self.node
+        self.possible = bool(self.rest)
+
+    @staticmethod
+    def _set(pid: int, cpus: set[int]) -> None:
+        for tid in os.listdir(f"/proc/{pid}/task"):
+            with contextlib.suppress(ProcessLookupError):  # a thread that just ended
+                os.sched_setaffinity(int(tid), cpus)
+
+    def pin(self, under_test: Node, others: Sequence[Node]) -> None:
+        self._set(under_test.pid, self.node)
+        for n in others:
+            self._set(n.pid, self.rest)
+        os.sched_setaffinity(0, self.rest)
+
+    def free(self, nodes: Sequence[Node]) -> None:
+        for n in nodes:
+            self._set(n.pid, self.all)
+        os.sched_setaffinity(0, self.all)
+
+    def describe(self) -> str:
+        if not self.possible:
+            return "one CPU: nothing pinned; ratio is unpinned"
+        return (
+            f"pinned turns: node under test on CPU {sorted(self.node)}, secondary, smtp-source "
+            f"and the latency client on CPUs {sorted(self.rest)}; unpinned turns: all on "
+            f"{sorted(self.all)}"
+        )
 
 
 def disk_seq(path: Path, size: int, fsync_every: int | None = None) -> float:
@@ -356,7 +426,13 @@ def run(plan: Plan, keep: bool) -> dict[str, Any]:
         {"peer": f"127.0.0.1:{rp}", "listen": f"127.0.0.1:{rs}", "role": "secondary", **common},
     )
     nodes = (alone, primary, secondary)
-    results: dict[str, list[dict[str, float]]] = {"standalone": [], "replicated": []}
+    results: dict[str, list[dict[str, float]]] = {
+        "standalone": [],
+        "replicated": [],
+        "standalone_unpinned": [],
+        "replicated_unpinned": [],
+    }
+    place = Placement()
     try:
         log(f"# run dir {rundir}")
         alone.init(mail=True)
@@ -370,14 +446,30 @@ def run(plan: Plan, keep: bool) -> dict[str, Any]:
             smtp_source(node.port, plan.warmup, MSG_LEN)
             latency_run(node.port, plan.warmup)
         for r in range(plan.rounds):
-            for name in ("standalone", "replicated"):
-                log(f"# round {r + 1}/{plan.rounds}: {name}")
-                if name == "standalone":
-                    m = measure(alone, (alone,), plan, None)
-                else:
-                    m = measure(primary, (primary, secondary), plan, secondary)
-                results[name].append(m)
-                log("#   " + ", ".join(f"{k}={v:.2f}" for k, v in m.items()))
+            # The pinned and the unpinned pair alternate which goes first.
+            variants = ("", "_unpinned") if r % 2 == 0 else ("_unpinned", "")
+            for variant in variants if place.possible else ("",):
+                pinned = variant == "" and place.possible
+                log(f"# round {r + 1}/{plan.rounds}{variant}: A B B A")
+                turns = {
+                    "standalone": Turn((alone,), None),
+                    "replicated": Turn((primary, secondary), secondary),
+                }
+                # A, B, B, A in half turns: drift within the round cancels as well.
+                for name in ("standalone", "replicated", "replicated", "standalone"):
+                    if pinned:
+                        under = turns[name].procs[0]
+                        place.pin(under, [n for n in nodes if n is not under])
+                    else:
+                        place.free(nodes)
+                    turns[name].chunk(plan.messages // 2)
+                for name, turn in turns.items():
+                    if pinned:
+                        place.pin(turn.procs[0], [n for n in nodes if n is not turn.procs[0]])
+                    m = turn.result(latency=variant == "")
+                    results[name + variant].append(m)
+                    log(f"#   {name}: " + ", ".join(f"{k}={v:.2f}" for k, v in m.items()))
+        place.free(nodes)
         rss = {n.name: rss_mb(n.pid) for n in nodes}
         rs_res = resync(primary, secondary, plan, rundir)
         log("#   " + ", ".join(f"{k}={v:.2f}" for k, v in rs_res.items()))
@@ -403,13 +495,21 @@ def run(plan: Plan, keep: bool) -> dict[str, Any]:
         "standalone_msgs_per_s": round(med("standalone", "msgs_per_s"), 1),
         "replicated_msgs_per_s": round(med("replicated", "msgs_per_s"), 1),
     }
+
     # Each round's replicated turn runs right after its standalone turn: the pair sees the same
     # machine, so the per-round ratio cancels the drift of a shared VM between rounds.
-    round_ratios = [
-        b["msgs_per_s"] / a["msgs_per_s"]
-        for a, b in zip(results["standalone"], results["replicated"], strict=True)
-    ]
+    def ratios(variant: str) -> list[float]:
+        return [
+            b["msgs_per_s"] / a["msgs_per_s"]
+            for a, b in zip(
+                results["standalone" + variant], results["replicated" + variant], strict=True
+            )
+        ]
+
+    round_ratios = ratios("")
+    unpinned_ratios = ratios("_unpinned") if place.possible else round_ratios
     res["ratio"] = round(statistics.median(round_ratios), 3)
+    res["ratio_unpinned"] = round(statistics.median(unpinned_ratios), 3)
     res["ratio_of_medians"] = round(res["replicated_msgs_per_s"] / res["standalone_msgs_per_s"], 3)
     res["p99_ms_replicated"] = round(med("replicated", "p99_ms"), 2)
     res["p99_ms_standalone"] = round(med("standalone", "p99_ms"), 2)
@@ -427,8 +527,9 @@ def run(plan: Plan, keep: bool) -> dict[str, Any]:
     lines = [
         ("standalone_msgs_per_s", f"node without a peer, {src}"),
         ("replicated_msgs_per_s", "primary, protocol C, secondary on this machine, same load"),
-        ("ratio", "replicated / standalone: median of the rounds' ratios"),
-        ("ratio_of_medians", "median replicated / median standalone"),
+        ("ratio", "replicated / standalone: median of the rounds' ratios, pinned turns"),
+        ("ratio_unpinned", "the same, every process free on every CPU"),
+        ("ratio_of_medians", "median replicated / median standalone, pinned turns"),
         ("p99_ms_replicated", f"end of data -> 250, asyncio client, {sess} sessions, primary"),
         ("p99_ms_standalone", "same, node without a peer"),
         ("standalone_cpu_ms_per_msg", "node without a peer, utime+stime per message"),
@@ -447,7 +548,9 @@ def run(plan: Plan, keep: bool) -> dict[str, Any]:
         print(f"{key:27} {res[key]:>9}  {what}{mark}", flush=True)
     elapsed = time.perf_counter() - started
     print(f"# medians of {plan.rounds} A/B rounds (standalone, replicated, ...), {n} msgs per run")
-    print("# rounds' ratios: " + ", ".join(f"{r:.3f}" for r in round_ratios))
+    print("# rounds' ratios, pinned: " + ", ".join(f"{r:.3f}" for r in round_ratios))
+    print("# rounds' ratios, unpinned: " + ", ".join(f"{r:.3f}" for r in unpinned_ratios))
+    print(f"# placement: {place.describe()}")
     print(
         f"# resync load: {rs_res['messages']:.0f} messages of {BIG_MSG_LEN} bytes over SMTP "
         f"({rs_res['load_msgs_per_s']:.0f} msgs/s); catch-up {rs_res['resync_s']:.2f} s "
@@ -472,6 +575,7 @@ def run(plan: Plan, keep: bool) -> dict[str, Any]:
             "standalone_msgs_per_s",
             "replicated_msgs_per_s",
             "ratio",
+            "ratio_unpinned",
             "primary_cpu_ms_per_msg",
             "secondary_cpu_ms_per_msg",
         ],
@@ -485,7 +589,9 @@ def run(plan: Plan, keep: bool) -> dict[str, Any]:
         },
         "resync": {k: round(v, 3) for k, v in rs_res.items()},
         "round_ratios": [round(r, 3) for r in round_ratios],
+        "round_ratios_unpinned": [round(r, 3) for r in unpinned_ratios],
     }
+    res["placement"] = place.describe()
     return res
 
 
