@@ -273,10 +273,10 @@ class Placement:
             with contextlib.suppress(ProcessLookupError):  # a thread that just ended
                 os.sched_setaffinity(int(tid), cpus)
 
-    def pin(self, under_test: Node, others: Sequence[Node]) -> None:
-        self._set(under_test.pid, self.node)
-        for n in others:
-            self._set(n.pid, self.rest)
+    def pin(self, under_test: Node, nodes: Sequence[Node]) -> None:
+        """``under_test`` on the first CPU; the other ``nodes`` and this process on the rest."""
+        for n in nodes:
+            self._set(n.pid, self.node if n is under_test else self.rest)
         os.sched_setaffinity(0, self.rest)
 
     def free(self, nodes: Sequence[Node]) -> None:
@@ -458,14 +458,13 @@ def run(plan: Plan, keep: bool) -> dict[str, Any]:
                 # A, B, B, A in half turns: drift within the round cancels as well.
                 for name in ("standalone", "replicated", "replicated", "standalone"):
                     if pinned:
-                        under = turns[name].procs[0]
-                        place.pin(under, [n for n in nodes if n is not under])
+                        place.pin(turns[name].procs[0], nodes)
                     else:
                         place.free(nodes)
                     turns[name].chunk(plan.messages // 2)
                 for name, turn in turns.items():
-                    if pinned:
-                        place.pin(turn.procs[0], [n for n in nodes if n is not turn.procs[0]])
+                    if pinned:  # the latency client's run, placed as its turn was
+                        place.pin(turn.procs[0], nodes)
                     m = turn.result(latency=variant == "")
                     results[name + variant].append(m)
                     log(f"#   {name}: " + ", ".join(f"{k}={v:.2f}" for k, v in m.items()))
@@ -496,8 +495,8 @@ def run(plan: Plan, keep: bool) -> dict[str, Any]:
         "replicated_msgs_per_s": round(med("replicated", "msgs_per_s"), 1),
     }
 
-    # Each round's replicated turn runs right after its standalone turn: the pair sees the same
-    # machine, so the per-round ratio cancels the drift of a shared VM between rounds.
+    # A round's halves run back to back, A B B A: the per-round ratio cancels the drift of a
+    # shared VM between rounds and within one.
     def ratios(variant: str) -> list[float]:
         return [
             b["msgs_per_s"] / a["msgs_per_s"]
